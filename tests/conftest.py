@@ -1,0 +1,51 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Nothing in the tests may reach a model hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def run_cli(*args, cwd=REPO_ROOT):
+    """Run a command line the way a user types it; returns the CompletedProcess."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def write_image(path, mode="RGB", size=(40, 30), seed=0):
+    """A random image of the given PIL mode, written in the format its suffix names."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "P": 1}[mode]
+    pixels = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    if mode == "RGBA":
+        pixels[..., 3] = 255
+    image = Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode="L" if mode == "P" else mode)
+    if mode == "P":
+        image = image.convert("P")
+    image.save(path)
+    return path
+
+
+@pytest.fixture
+def mixed_dataset(tmp_path):
+    """The foundation issue's folder: RGB PNGs, RGBA PNGs, greyscale JPGs, a corrupt
+    PNG and an empty user folder."""
+    root = tmp_path / "data"
+    for i in range(6):
+        write_image(root / "ID_1" / f"img_{i}.png", "RGB", seed=i)
+        write_image(root / "ID_2" / f"img_{i}.PNG", "RGBA", seed=10 + i)
+    for i in range(5):
+        write_image(root / "user_03" / f"frame{i}.jpg", "L", seed=20 + i)
+    (root / "ID_1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    (root / "empty_user").mkdir()
+    (root / "ID_1" / "notes.txt").write_text("not an image")
+    return root

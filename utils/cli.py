@@ -1,0 +1,35 @@
+"""Command-line plumbing shared by every script: readable errors and exit code 2.
+
+Bad input (a missing folder, an unknown user, a malformed file) raises `UsageError`
+anywhere below `main`; `run` turns it into one line on stderr and exit code 2, never a
+traceback. Anything else is a bug and keeps its traceback.
+"""
+
+import logging
+import sys
+
+
+class UsageError(Exception):
+    """Input the user can fix: reported as one line on stderr, exit code 2."""
+
+
+def setup_logging(verbose=False):
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run(main, args):
+    """Call `main(args)`; map `UsageError` to exit 2 and Ctrl-C to exit 130."""
+    setup_logging()
+    try:
+        code = main(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

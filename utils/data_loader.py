@@ -1,0 +1,433 @@
+"""Dataset discovery, the label map, the per-user split and the torch Dataset.
+
+A dataset is a folder with one subfolder per user (`ID_1/`, `user_07/`, `alice/`) holding
+that user's spectrogram images. Everything a later stage needs to read it the same way
+again is a `DatasetManifest`: the users in natural order (their position is the label,
+the null token for classifier-free guidance is `num_users`) and a seeded, per-user
+stratified split by image. It is computed once, saved as JSON in every run folder, and
+read back by every later stage, so no stage ever re-indexes users on a subset
+(DESIGN.md, pitfall 1). The data folder itself is never written to.
+
+    python -m utils.data_loader --data_dir D [--resolution R]   # summary of a dataset
+"""
+
+import argparse
+import json
+import logging
+import random
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from utils.cli import UsageError, run
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "val", "test")
+MANIFEST_NAME = "dataset_manifest.json"
+MANIFEST_FORMAT_VERSION = 1
+# Errors PIL raises on broken files: truncated data (OSError), unknown format
+# (UnidentifiedImageError, an OSError), malformed headers (SyntaxError, ValueError).
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def natural_key(text):
+    """Sort key that puts `ID_2` before `ID_10`."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
+def user_number(folder_name):
+    """The integer a folder answers to: `ID_7` and `user_07` -> 7; other names -> None."""
+    match = re.fullmatch(r"(?:id|user)[_\-\s]?0*(\d+)", folder_name, flags=re.IGNORECASE)
+    return int(match.group(1)) if match else None
+
+
+def is_image_file(path):
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def load_rgb(path):
+    """Decode an image file into an RGB PIL image, whatever its mode.
+
+    Greyscale, palette and RGBA become RGB (alpha is dropped: spectrograms are opaque);
+    16-bit greyscale is scaled by 255/65535 and 32-bit or float greyscale is stretched
+    to 0..255, instead of being clipped at 255.
+    """
+    with Image.open(path) as image:
+        image.load()
+        if image.mode.startswith("I;16"):
+            # Same scale for every file, so intensities stay comparable across images.
+            values = np.asarray(image, dtype=np.float64) / 257.0
+            image = Image.fromarray(np.round(values).astype(np.uint8), mode="L")
+        elif image.mode in ("I", "F"):
+            # 32-bit data has no fixed full scale: stretch each image to 0..255.
+            values = np.asarray(image, dtype=np.float64)
+            low, high = float(values.min()), float(values.max())
+            scale = 255.0 / (high - low) if high > low else 0.0
+            image = Image.fromarray(np.round((values - low) * scale).astype(np.uint8), mode="L")
+        return image.convert("RGB")
+
+
+@dataclass
+class DatasetScan:
+    """What is on disk: readable images per user and everything that is not usable."""
+
+    data_dir: Path
+    files: dict  # user folder name -> readable image file names, natural order
+    unreadable: list  # "user/file" paths of files PIL could not decode
+    empty_users: list  # user folders without a readable image (not users)
+    sizes: Counter  # (width, height) -> count
+    modes: Counter  # PIL mode -> count
+
+
+def _probe_image(path):
+    """(size, mode) of a fully decoded image, or None when the file is unreadable."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.size, image.mode
+    except _IMAGE_ERRORS:
+        return None
+
+
+def check_data_dir(data_dir):
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise UsageError(f"data folder {data_dir} does not exist")
+    if not data_dir.is_dir():
+        raise UsageError(f"--data_dir {data_dir} is a file, not a folder of user subfolders")
+    return data_dir
+
+
+def scan_dataset(data_dir):
+    """Find the users (subfolders) and decode every image once to find the broken ones."""
+    data_dir = check_data_dir(data_dir)
+    folders = sorted(
+        (p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: natural_key(p.name),
+    )
+    candidates = {
+        folder.name: sorted((p.name for p in folder.iterdir() if is_image_file(p)), key=natural_key)
+        for folder in folders
+    }
+    paths = [data_dir / user / name for user, names in candidates.items() for name in names]
+    # Decoding is the slow part; PIL releases the GIL while it decodes.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        probes = dict(zip(paths, pool.map(_probe_image, paths)))
+
+    files, unreadable, empty_users = {}, [], []
+    sizes, modes = Counter(), Counter()
+    for user, names in candidates.items():
+        readable = []
+        for name in names:
+            probe = probes[data_dir / user / name]
+            if probe is None:
+                unreadable.append(f"{user}/{name}")
+                continue
+            readable.append(name)
+            sizes[probe[0]] += 1
+            modes[probe[1]] += 1
+        if readable:
+            files[user] = readable
+        else:
+            empty_users.append(user)
+
+    if not files:
+        extensions = " ".join(IMAGE_EXTENSIONS)
+        raise UsageError(
+            f"no readable image in {data_dir}: expected one subfolder per user "
+            f"(ID_1/, user_01/, ...) holding {extensions} files"
+        )
+    for path in unreadable:
+        logger.warning("skipping unreadable image %s", data_dir / path)
+    for user in empty_users:
+        logger.warning("user folder %s has no readable image; it is not counted as a user", data_dir / user)
+    return DatasetScan(data_dir, files, unreadable, empty_users, sizes, modes)
+
+
+def split_user_files(files, user, val_fraction, test_fraction, seed):
+    """Seeded split of one user's images into train / val / test.
+
+    The files are sorted before shuffling, so the split depends only on the set of
+    file names, the user and the seed, never on the order a file system lists them.
+    Each user is shuffled by its own generator, so adding a user leaves the others'
+    splits unchanged. With 3 images or more, every non-zero fraction gets at least
+    one image and train keeps at least one.
+    """
+    files = sorted(files, key=natural_key)
+    random.Random(f"{seed}/{user}").shuffle(files)
+    count = len(files)
+    sizes = []
+    for fraction in (val_fraction, test_fraction):
+        size = round(count * fraction)
+        if fraction > 0 and count >= 3:
+            size = max(1, size)
+        sizes.append(size)
+    val_size, test_size = sizes
+    while val_size + test_size > count - 1 and (val_size or test_size):
+        if test_size >= val_size:
+            test_size -= 1
+        else:
+            val_size -= 1
+    return {
+        "val": sorted(files[:val_size], key=natural_key),
+        "test": sorted(files[val_size:val_size + test_size], key=natural_key),
+        "train": sorted(files[val_size + test_size:], key=natural_key),
+    }
+
+
+@dataclass
+class DatasetManifest:
+    """The label map and the split, as saved in every run folder."""
+
+    users: list  # folder names in natural order; a user's label is its position
+    splits: dict  # split -> user -> image file names inside that user's folder
+    seed: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    data_dir: str = ""  # where it was built; informational, stages take --data_dir
+    unreadable: list = field(default_factory=list)
+
+    @property
+    def num_users(self):
+        return len(self.users)
+
+    @property
+    def null_index(self):
+        """Index of the unconditional token for classifier-free guidance: not a user."""
+        return self.num_users
+
+    @property
+    def label_map(self):
+        return {user: index for index, user in enumerate(self.users)}
+
+    def samples(self, split):
+        """(relative path, label) pairs of one split, users in label order."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return [
+            (f"{user}/{name}", label)
+            for label, user in enumerate(self.users)
+            for name in self.splits[split].get(user, [])
+        ]
+
+    def count(self, split, user):
+        return len(self.splits[split].get(user, []))
+
+    def resolve_user(self, token):
+        """Folder name for a user given as its folder name or its number (7 -> ID_7)."""
+        token = str(token).strip()
+        if token in self.users:
+            return token
+        if token.isdigit():
+            matches = [user for user in self.users if user_number(user) == int(token)]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise UsageError(f"user {token} is ambiguous: it matches {', '.join(matches)}; give the folder name")
+        raise UsageError(f"unknown user {token!r}; valid users: {' '.join(self.users)}")
+
+    def resolve_users(self, tokens):
+        """Folder names for a list of user tokens; `all` selects every user."""
+        if [str(t).lower() for t in tokens] == ["all"]:
+            return list(self.users)
+        return [self.resolve_user(token) for token in tokens]
+
+    def check_users_match(self, data_dir):
+        """Fail clearly when a data folder's users are not the ones this manifest maps."""
+        data_dir = check_data_dir(data_dir)
+        present = {p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        missing = [user for user in self.users if user not in present]
+        if missing:
+            raise UsageError(
+                f"{data_dir} lacks users of the stored label map: {' '.join(missing)}; "
+                "use the data folder the model was trained on"
+            )
+
+    def to_dict(self):
+        return {
+            "format_version": MANIFEST_FORMAT_VERSION,
+            "data_dir": self.data_dir,
+            "num_users": self.num_users,
+            "null_index": self.null_index,
+            "label_map": self.label_map,
+            "users": self.users,
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+            "splits": self.splits,
+            "unreadable": self.unreadable,
+        }
+
+    def save(self, path):
+        """Write the manifest JSON atomically (a reader never sees half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path):
+        path = Path(path)
+        if path.is_dir():
+            path = path / MANIFEST_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"no dataset manifest at {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UsageError(f"dataset manifest {path} is not valid JSON: {error}") from None
+        if data.get("format_version") != MANIFEST_FORMAT_VERSION:
+            raise UsageError(f"dataset manifest {path} has format {data.get('format_version')!r}, expected {MANIFEST_FORMAT_VERSION}")
+        manifest = cls(
+            users=data["users"],
+            splits=data["splits"],
+            seed=data["seed"],
+            val_fraction=data["val_fraction"],
+            test_fraction=data["test_fraction"],
+            data_dir=data["data_dir"],
+            unreadable=data["unreadable"],
+        )
+        if data["label_map"] != manifest.label_map:
+            raise UsageError(f"dataset manifest {path}: label_map disagrees with the user list")
+        return manifest
+
+
+def build_manifest(data_dir, val_fraction=0.1, test_fraction=0.2, seed=0, scan=None):
+    """Scan a dataset folder and split every user's readable images."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UsageError(
+            f"split fractions val={val_fraction} test={test_fraction} must be in [0, 1) and leave images for training"
+        )
+    scan = scan or scan_dataset(data_dir)
+    splits = {split: {} for split in SPLITS}
+    for user, files in scan.files.items():
+        for split, names in split_user_files(files, user, val_fraction, test_fraction, seed).items():
+            splits[split][user] = names
+    return DatasetManifest(
+        users=list(scan.files),
+        splits=splits,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        data_dir=str(scan.data_dir.resolve()),
+        unreadable=scan.unreadable,
+    )
+
+
+class SpectrogramDataset(torch.utils.data.Dataset):
+    """One split of a dataset as tensors in [-1, 1] of shape (3, R, R).
+
+    Items are dicts: `pixel_values` (3, R, R) float32, `user_index` (the label from the
+    manifest) and `path`. No flips: a mirrored spectrogram is a different motion.
+    A file that breaks after the manifest was made is reported by name and replaced by
+    the next readable item, so an epoch never crashes halfway.
+    """
+
+    def __init__(self, data_dir, manifest, split, resolution):
+        if resolution < 1:
+            raise UsageError(f"--resolution must be positive, got {resolution}")
+        self.data_dir = Path(data_dir)
+        self.manifest = manifest
+        self.split = split
+        self.resolution = resolution
+        self.samples = manifest.samples(split)
+        self._broken = set()
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load_image(self, relative_path):
+        image = load_rgb(self.data_dir / relative_path)
+        if image.size != (self.resolution, self.resolution):
+            # PIL scales the bicubic kernel with the reduction, so downsampling is antialiased.
+            image = image.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (R, R, 3)
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, R, R)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self.samples):
+            raise IndexError(index)
+        for offset in range(len(self.samples)):
+            relative_path, label = self.samples[(index + offset) % len(self.samples)]
+            if relative_path in self._broken:
+                continue
+            try:
+                pixel_values = self.load_image(relative_path)
+            except _IMAGE_ERRORS as error:
+                self._broken.add(relative_path)
+                logger.warning("skipping unreadable image %s (%s)", self.data_dir / relative_path, error)
+                continue
+            return {"pixel_values": pixel_values, "user_index": label, "path": relative_path}
+        raise UsageError(f"no readable image left in the {self.split} split of {self.data_dir}")
+
+
+def format_summary(scan, manifest, resolution):
+    lines = [
+        f"dataset {scan.data_dir}",
+        f"{manifest.num_users} users, {sum(len(f) for f in scan.files.values())} readable images "
+        f"(split seed {manifest.seed}: val {manifest.val_fraction:g}, test {manifest.test_fraction:g})",
+        "",
+        f"{'label':>5}  {'user':<24} {'number':>6} {'images':>6} {'train':>6} {'val':>5} {'test':>5}",
+    ]
+    for label, user in enumerate(manifest.users):
+        number = user_number(user)
+        lines.append(
+            f"{label:>5}  {user:<24} {'-' if number is None else number:>6} {len(scan.files[user]):>6} "
+            f"{manifest.count('train', user):>6} {manifest.count('val', user):>5} {manifest.count('test', user):>5}"
+        )
+    lines.append(f"null (unconditional) token index: {manifest.null_index}")
+    lines.append("")
+    lines.append("image sizes: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in scan.sizes.most_common()))
+    lines.append("image modes: " + ", ".join(f"{mode} ({n})" for mode, n in scan.modes.most_common()))
+    lines.append(f"loaded as: float tensors (3, {resolution}, {resolution}) in [-1, 1]")
+    if scan.empty_users:
+        lines.append("folders without a readable image (not users): " + " ".join(scan.empty_users))
+    lines.append(f"unreadable files: {len(scan.unreadable)}")
+    lines.extend(f"  {path}" for path in scan.unreadable)
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.data_loader",
+        description="Summarise a spectrogram dataset: users, images per user and split, sizes, "
+        "modes and unreadable files. The data folder is only read.",
+    )
+    parser.add_argument("--data_dir", required=True, help="folder with one subfolder of images per user (ID_1/, user_01/, alice/ ...)")
+    parser.add_argument("--resolution", type=int, default=256, help="side length images are resized to when loaded (default 256)")
+    parser.add_argument("--val_fraction", type=float, default=0.1, help="share of each user's images for validation (default 0.1)")
+    parser.add_argument("--test_fraction", type=float, default=0.2, help="share of each user's images held out for testing (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-user split (default 0)")
+    parser.add_argument("--manifest_out", help="also write the dataset manifest JSON to this path (outside the data folder)")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    data_dir = check_data_dir(args.data_dir)
+    if args.resolution < 1:
+        raise UsageError(f"--resolution must be positive, got {args.resolution}")
+    out = Path(args.manifest_out).resolve() if args.manifest_out else None
+    if out and out.is_relative_to(data_dir.resolve()):
+        raise UsageError(f"--manifest_out {out} is inside the data folder, which is never written to")
+    scan = scan_dataset(data_dir)
+    manifest = build_manifest(data_dir, args.val_fraction, args.test_fraction, args.seed, scan=scan)
+    # Loading one image proves the whole path from file to tensor works at this resolution.
+    SpectrogramDataset(data_dir, manifest, "train", args.resolution)[0]
+    print(format_summary(scan, manifest, args.resolution))
+    if out:
+        manifest.save(out)
+        print(f"manifest written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, parse_args())
