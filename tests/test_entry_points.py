@@ -12,7 +12,7 @@ SCRIPTS = sorted(
     for path in (REPO_ROOT / folder).glob("*.py")
     if not path.name.startswith("_")
 )
-MODULES = ["utils.data_loader"]
+MODULES = ["utils.data_loader", "utils.gait_simulator"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=str)
