@@ -204,3 +204,15 @@ def test_dataset_skips_a_file_broken_after_the_manifest(mixed_dataset, caplog):
     assert item["path"] == "ID_1/img_1.png"
     assert "img_0.png" in caplog.text
     assert len([dataset[i] for i in range(len(dataset))]) == 17
+
+
+def test_summary_grid(mixed_dataset, tmp_path):
+    result = run_cli(
+        "-m", "utils.data_loader", "--data_dir", mixed_dataset, "--resolution", 20,
+        "--grid", tmp_path / "grid.png", "--grid_users", 2, "--grid_images", 3,
+    )
+    assert result.returncode == 0, result.stderr
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.height == 2 * (20 + 2) + 2  # two user rows of 20 px cells
+    inside = run_cli("-m", "utils.data_loader", "--data_dir", mixed_dataset, "--grid", mixed_dataset / "g.png")
+    assert inside.returncode == 2 and not (mixed_dataset / "g.png").exists()

@@ -26,6 +26,8 @@ import torch
 from PIL import Image
 
 from utils.cli import UsageError, run
+from utils.files import atomic_path
+from utils.image_grid import labelled_grid
 
 logger = logging.getLogger(__name__)
 
@@ -268,11 +270,8 @@ class DatasetManifest:
 
     def save(self, path):
         """Write the manifest JSON atomically (a reader never sees half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
 
     @classmethod
     def load(cls, path):
@@ -408,24 +407,41 @@ def parse_args(argv=None):
     parser.add_argument("--test_fraction", type=float, default=0.2, help="share of each user's images held out for testing (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-user split (default 0)")
     parser.add_argument("--manifest_out", help="also write the dataset manifest JSON to this path (outside the data folder)")
+    parser.add_argument("--grid", help="also write an overview PNG: the first images of the first users, one row each")
+    parser.add_argument("--grid_users", type=int, default=4, help="users (rows) in --grid (default 4)")
+    parser.add_argument("--grid_images", type=int, default=4, help="images per user (columns) in --grid (default 4)")
     return parser.parse_args(argv)
+
+
+def dataset_grid(data_dir, scan, num_users, images_per_user, resolution):
+    """The first images of the first users, labelled with the user folder in the margin."""
+    users = list(scan.files)[:num_users]
+    rows = [[load_rgb(Path(data_dir) / user / name) for name in scan.files[user][:images_per_user]] for user in users]
+    return labelled_grid(rows, users, cell_size=resolution)
 
 
 def main(args):
     data_dir = check_data_dir(args.data_dir)
     if args.resolution < 1:
         raise UsageError(f"--resolution must be positive, got {args.resolution}")
-    out = Path(args.manifest_out).resolve() if args.manifest_out else None
-    if out and out.is_relative_to(data_dir.resolve()):
-        raise UsageError(f"--manifest_out {out} is inside the data folder, which is never written to")
+    for flag in ("manifest_out", "grid"):
+        value = getattr(args, flag)
+        if value and Path(value).resolve().is_relative_to(data_dir.resolve()):
+            raise UsageError(f"--{flag} {value} is inside the data folder, which is never written to")
+    if args.grid_users < 1 or args.grid_images < 1:
+        raise UsageError("--grid_users and --grid_images must be at least 1")
     scan = scan_dataset(data_dir)
     manifest = build_manifest(data_dir, args.val_fraction, args.test_fraction, args.seed, scan=scan)
     # Loading one image proves the whole path from file to tensor works at this resolution.
     SpectrogramDataset(data_dir, manifest, "train", args.resolution)[0]
     print(format_summary(scan, manifest, args.resolution))
-    if out:
-        manifest.save(out)
-        print(f"manifest written to {out}")
+    if args.manifest_out:
+        manifest.save(args.manifest_out)
+        print(f"manifest written to {args.manifest_out}")
+    if args.grid:
+        with atomic_path(args.grid) as tmp:
+            dataset_grid(data_dir, scan, args.grid_users, args.grid_images, args.resolution).save(tmp, format="PNG")
+        print(f"grid written to {args.grid}")
     return 0
 
 
