@@ -6,6 +6,7 @@ traceback. Anything else is a bug and keeps its traceback.
 """
 
 import logging
+import os
 import sys
 
 
@@ -22,7 +23,7 @@ def setup_logging(verbose=False):
 
 
 def run(main, args):
-    """Call `main(args)`; map `UsageError` to exit 2 and Ctrl-C to exit 130."""
+    """Call `main(args)`; map `UsageError` to exit 2, Ctrl-C to 130, a closed pipe to 1."""
     setup_logging()
     try:
         code = main(args)
@@ -32,4 +33,8 @@ def run(main, args):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (`... | head`): silence the flush at exit, as the Python docs advise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     sys.exit(code or 0)
