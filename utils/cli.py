@@ -14,9 +14,15 @@ class UsageError(Exception):
     """Input the user can fix: reported as one line on stderr, exit code 2."""
 
 
+class RunFailed(Exception):
+    """A run that cannot go on (e.g. a diverged loss): one line on stderr, exit code 1."""
+
+
 def setup_logging(verbose=False):
+    # Warnings and errors only: libraries' INFO chatter (accelerate's checkpoint lines)
+    # would bury the progress bar; scripts print their own banners.
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s: %(message)s",
         stream=sys.stderr,
     )
@@ -30,6 +36,9 @@ def run(main, args):
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except RunFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -1,0 +1,62 @@
+"""Image quality metrics on tensors in [-1, 1]: PSNR and SSIM (torchmetrics) and LPIPS.
+
+Every function returns one value per image, so callers can average per user.
+"""
+
+from pathlib import Path
+
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+# The torchvision backbone files LPIPS needs, as torch.hub caches them.
+LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+
+
+def to_unit_range(images):
+    return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def psnr(reconstructions, originals):
+    """PSNR in dB per image, (B,), on the [0, 1] range."""
+    return peak_signal_noise_ratio(
+        to_unit_range(reconstructions), to_unit_range(originals), data_range=1.0, reduction="none", dim=(1, 2, 3)
+    )
+
+
+@torch.no_grad()
+def ssim(reconstructions, originals):
+    """SSIM per image, (B,), Gaussian window 11, on the [0, 1] range."""
+    return structural_similarity_index_measure(
+        to_unit_range(reconstructions), to_unit_range(originals), data_range=1.0, reduction="none"
+    )
+
+
+class LpipsUnavailable(RuntimeError):
+    """The LPIPS backbone weights are neither cached nor downloadable."""
+
+
+def lpips_backbone_path(net="alex"):
+    return Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
+
+
+def load_lpips(net="alex", random_backbone=False):
+    """The LPIPS metric with its real ImageNet backbone, frozen, in eval mode.
+
+    Raises LpipsUnavailable with what to do when the backbone file is absent (it is not
+    downloaded here: offline machines would hang). `random_backbone=True` gives LPIPS with
+    an untrained backbone, for tests only: its numbers mean nothing.
+    """
+    if not random_backbone and not lpips_backbone_path(net).exists():
+        raise LpipsUnavailable(
+            f"LPIPS backbone weights {lpips_backbone_path(net)} are missing: run `python install_lpips.py` "
+            f"(or `python install_lpips.py --weights FILE` offline), or set --perceptual_weight 0"
+        )
+    try:
+        import lpips
+    except ImportError:
+        raise LpipsUnavailable("the lpips package is not installed: run `python install_lpips.py`") from None
+    model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=random_backbone, verbose=False).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model

@@ -1,0 +1,57 @@
+"""Named presets for every stage, in one registry.
+
+A preset fills only the flags the user left unset: every preset-controlled flag has
+`default=None` in its parser, `resolve_preset` fills the Nones from the preset and then
+from `BASE`, and the result is written to the run folder's config.json.
+
+    tiny      tests and smoke runs: a few thousand parameters, seconds on a CPU
+    quick     a 2-core CPU: 64x64 images, minutes
+    standard  the original project's scale: 256x256 -> 32x32x4 latents, a 16 GB GPU
+"""
+
+PRESETS = {
+    "tiny": {
+        "vae": dict(
+            resolution=32, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+            batch_size=4, learning_rate=1e-3, max_train_steps=4, warmup_steps=1, perceptual_weight=0.0,
+            checkpointing_steps=2, validation_steps=2, num_validation_images=4, latent_stats_images=16,
+        ),
+    },
+    "quick": {
+        "vae": dict(
+            resolution=64, block_out_channels=(32, 64, 128), layers_per_block=1, latent_channels=4, norm_num_groups=32,
+            batch_size=16, learning_rate=1e-3, max_train_steps=1500, warmup_steps=100,
+            checkpointing_steps=500, validation_steps=250, num_validation_images=8, latent_stats_images=2000,
+        ),
+    },
+    "standard": {
+        "vae": dict(
+            resolution=256, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+            norm_num_groups=32, batch_size=8, learning_rate=1e-4, num_epochs=50, warmup_steps=500,
+            checkpointing_steps=1000, validation_steps=500, num_validation_images=8, latent_stats_images=2000,
+        ),
+    },
+}
+
+# Values every preset shares unless it says otherwise.
+BASE = {
+    "vae": dict(
+        kl_weight=1e-4, perceptual_weight="auto", freq_weight=0.1, pixel_loss="l1", gradient_accumulation_steps=1,
+        num_epochs=None, max_train_steps=None, max_grad_norm=1.0, checkpoints_total_limit=3,
+        mixed_precision="no", weight_decay=0.0,
+    ),
+}
+
+PRESET_NAMES = tuple(PRESETS)
+
+
+def resolve_preset(args, stage):
+    """Fill the None attributes of `args` from the preset, then from BASE. Returns the
+    names of the flags the preset (or BASE) decided, for the banner and config.json."""
+    decided = []
+    for source in (PRESETS[args.preset][stage], BASE[stage]):
+        for name, value in source.items():
+            if getattr(args, name, None) is None and value is not None:
+                setattr(args, name, list(value) if isinstance(value, tuple) else value)
+                decided.append(name)
+    return decided
