@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from utils.cli import RunFailed, UsageError, run
 from utils.data_loader import MANIFEST_NAME, DatasetManifest, SpectrogramDataset, build_manifest, check_data_dir
 from utils.files import atomic_path
-from utils.image_grid import labelled_grid
+from utils.image_grid import labelled_grid, to_pil
 from utils.metrics import LpipsUnavailable, load_lpips, psnr, ssim
 from utils.presets import PRESET_NAMES, resolve_preset
 from utils.training import (
@@ -143,13 +143,6 @@ def validate(accelerator, vae, dataset, args, step, metrics, output_dir):
         labelled_grid(rows, ["original", "reconstruction"]).save(tmp, format="PNG")
     plot_curves(metrics.read(), Path(output_dir) / "logs" / "curves.png", ["loss", "pixel", "lpips", "freq", "val_psnr", "val_ssim"])
     return val_psnr, val_ssim
-
-
-def to_pil(image):
-    from PIL import Image
-
-    array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
 
 
 @torch.no_grad()

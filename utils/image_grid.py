@@ -31,3 +31,9 @@ def labelled_grid(rows, row_labels, cell_size=None, gap=2, margin=None):
                 image = image.resize((cell, cell), Image.Resampling.BICUBIC)
             grid.paste(image.convert("RGB"), (margin + c * (cell + gap), top))
     return grid
+
+
+def to_pil(image):
+    """A (3, H, W) tensor in [-1, 1] as an RGB PIL image."""
+    array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array)

@@ -3,6 +3,7 @@
 Every function returns one value per image, so callers can average per user.
 """
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,7 +57,10 @@ def load_lpips(net="alex", random_backbone=False):
         import lpips
     except ImportError:
         raise LpipsUnavailable("the lpips package is not installed: run `python install_lpips.py`") from None
-    model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=random_backbone, verbose=False).eval()
+    with warnings.catch_warnings():
+        # lpips 0.1.4 calls torchvision with the deprecated `pretrained=` argument.
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=random_backbone, verbose=False).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
