@@ -25,6 +25,7 @@ def test_check_vae_exit_codes_and_report(trained_vae, tmp_path):
     passed = run_cli("check_vae.py", "--vae_path", vae_path, "--min_psnr", 0, "--output_dir", tmp_path / "check")
     assert passed.returncode == 0, passed.stderr
     assert "PSNR" in passed.stdout and "verdict" in passed.stdout and "matches" in passed.stdout
+    assert "2x bicubic round trip" in passed.stdout
     report = json.loads((tmp_path / "check" / "vae_check.json").read_text())
     assert report["split"] == "test" and report["num_images"] == 6  # 3 users x 2 test images
     assert set(report["psnr"]["per_user"]) == {"ID_1", "ID_2", "ID_3"}
