@@ -129,8 +129,7 @@ def main(args):
             noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
             latents.append((posterior.mean + posterior.std * noise).cpu())
             users.extend(batch["user_index"].tolist())
-            if len(shown) < 8:
-                shown.extend(zip(originals.cpu(), reconstructions.cpu()))
+            shown.extend(list(zip(originals.cpu(), reconstructions.cpu()))[: 8 - len(shown)])
     scores = {k: torch.cat(v) for k, v in per_image.items() if v}
     users = torch.tensor(users)
     latents = torch.cat(latents)
