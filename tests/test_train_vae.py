@@ -132,3 +132,12 @@ def test_bad_input_exits_2(tiny_data, tmp_path, extra, message, monkeypatch):
 def test_missing_data_folder_exits_2(tmp_path):
     result = train(tmp_path / "nowhere", tmp_path / "run")
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_report_to_a_missing_tracker_exits_2(tiny_data, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    result = train(tiny_data, tmp_path / "run", "--report_to", "wandb")
+    assert result.returncode == 2 and "pip install wandb" in result.stderr

@@ -347,6 +347,10 @@ def main(args):
         config["effective_batch_size"] = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
         config["max_train_steps_resolved"] = max_steps
         write_json(output_dir / "config.json", config)
+        if args.report_to != "none":
+            # Trackers take scalar hyperparameters only.
+            scalars = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
+            accelerator.init_trackers("train_vae", config=scalars)
         parameters = sum(p.numel() for p in vae.parameters())
         print(
             f"train_vae: preset {args.preset}, {args.resolution}x{args.resolution} -> "

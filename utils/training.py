@@ -12,6 +12,7 @@ A run folder:
     final_model/                the inference snapshot
 """
 
+import importlib.util
 import json
 import math
 import re
@@ -37,6 +38,8 @@ def make_accelerator(args, project_dir):
     if cpu and args.mixed_precision == "fp16":
         raise UsageError("--mixed_precision fp16 needs a GPU; use no or bf16 on the CPU")
     log_with = None if args.report_to == "none" else args.report_to
+    if log_with and importlib.util.find_spec(log_with) is None:
+        raise UsageError(f"--report_to {log_with} needs the {log_with} package: pip install {log_with}")
     return Accelerator(
         cpu=cpu,
         mixed_precision=args.mixed_precision,
