@@ -90,3 +90,14 @@ def test_recipe_dry_run_prints_the_command(tmp_path):
         assert flag in command
     assert "device: CPU" in result.stdout
     assert not (tmp_path / "outputs").exists()
+
+
+def test_vae_identity_benchmark_runs(trained_vae, tmp_path):
+    out = tmp_path / "identity.json"
+    result = run_cli("benchmarks/vae_identity.py", "--vae_path", trained_vae / "vae" / "final_model",
+                     "--epochs", 1, "--out", out)
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(out.read_text())
+    assert numbers["num_users"] == 3 and numbers["test_images"] == 6
+    assert 0.0 <= numbers["real_test_accuracy"] <= 1.0 and 0.0 <= numbers["reconstruction_accuracy"] <= 1.0
+    assert "kept" in result.stdout
