@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from utils.cli import UsageError, run
@@ -24,6 +25,7 @@ from utils.files import atomic_path
 from utils.image_grid import labelled_grid, to_pil
 from utils.metrics import LpipsUnavailable, load_lpips, psnr, ssim
 from utils.recipes import default_vae_output_dir
+from utils.training import write_json
 
 VERDICTS = [  # (margin over --min_psnr in dB, Chinese, English)
     (3.0, "优秀", "excellent"),
@@ -56,8 +58,6 @@ def load_vae(vae_path):
 def bicubic_round_trip(images):
     """The reference reconstruction: 2x bicubic down (antialiased) and back up. It keeps a
     quarter of the pixels; a latent keeps far fewer numbers. Speckle bounds both."""
-    import torch.nn.functional as F
-
     size = images.shape[-1]
     small = F.interpolate(images, size=size // 2, mode="bicubic", antialias=True, align_corners=False)
     return F.interpolate(small, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
@@ -172,8 +172,7 @@ def main(args):
 
 
 def write_json_report(output_dir, report, shown):
-    with atomic_path(output_dir / "vae_check.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    write_json(output_dir / "vae_check.json", report)
     rows = [[to_pil(o) for o, _ in shown], [to_pil(r) for _, r in shown]]
     with atomic_path(output_dir / "vae_check.png") as tmp:
         labelled_grid(rows, ["original", "reconstruction"]).save(tmp, format="PNG")

@@ -22,6 +22,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from check_vae import load_vae
+from training.train_vae import reconstruct
 from utils.cli import UsageError, run
 from utils.data_loader import MANIFEST_NAME, DatasetManifest, SpectrogramDataset, check_data_dir
 
@@ -95,10 +96,7 @@ def main(args):
     test_images, test_labels = load_split(data_dir, manifest, "test", resolution)
     started = time.perf_counter()
     with torch.no_grad():
-        reconstructions = torch.cat([
-            vae.decode(vae.encode(test_images[i:i + 64]).latent_dist.mode()).sample.clamp(-1, 1)
-            for i in range(0, len(test_images), 64)
-        ])
+        reconstructions = torch.cat([reconstruct(vae, test_images[i:i + 64]) for i in range(0, len(test_images), 64)])
     net = train_classifier(train_images, train_labels, manifest.num_users, args.epochs)
     real, reconstructed = accuracy(net, test_images, test_labels), accuracy(net, reconstructions, test_labels)
     result = {

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from utils.cli import RunFailed, UsageError, run
 from utils.data_loader import MANIFEST_NAME, DatasetManifest, SpectrogramDataset, build_manifest, check_data_dir
-from utils.files import atomic_path
+from utils.files import atomic_folder, atomic_path
 from utils.image_grid import labelled_grid, to_pil
 from utils.metrics import LpipsUnavailable, load_lpips, psnr, ssim
 from utils.presets import PRESET_NAMES, resolve_preset
@@ -177,17 +177,12 @@ def measure_latent_stats(accelerator, vae, dataset, args):
 def save_final_model(vae, manifest, stats, output_dir):
     """final_model/: save_pretrained (config + safetensors) with the measured scaling
     factor, latent_stats.json and the dataset manifest, renamed into place when complete."""
-    import shutil
-
     final = Path(output_dir) / "final_model"
-    partial = final.with_name("final_model.partial")
-    shutil.rmtree(partial, ignore_errors=True)
     vae.register_to_config(scaling_factor=stats["scaling_factor"])
-    vae.save_pretrained(partial, safe_serialization=True)
-    write_json(partial / LATENT_STATS_NAME, stats)
-    manifest.save(partial / MANIFEST_NAME)
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+    with atomic_folder(final) as partial:
+        vae.save_pretrained(partial, safe_serialization=True)
+        write_json(partial / LATENT_STATS_NAME, stats)
+        manifest.save(partial / MANIFEST_NAME)
     return final
 
 

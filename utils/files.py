@@ -1,6 +1,7 @@
 """Writing files so that a reader never sees half of one."""
 
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,3 +21,23 @@ def atomic_path(path):
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(path):
+    """Yield a hidden temporary folder beside `path`; when the block succeeds it replaces
+    `path` (an existing folder there is removed), otherwise it is deleted.
+
+        with atomic_folder(out / "final_model") as tmp:
+            model.save_pretrained(tmp)
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -36,7 +36,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -49,6 +48,7 @@ from scipy.signal import stft
 from tqdm import tqdm
 
 from utils.cli import UsageError, run
+from utils.files import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -493,37 +493,31 @@ def _write_image(job):
 
 def write_dataset(output_dir, settings, workers=1, overwrite=False, progress=True):
     """Write ID_1/ .. ID_N/ PNGs and dataset_card.json into output_dir, atomically:
-    everything goes to a hidden sibling folder first, which is renamed at the end."""
+    everything goes to a hidden sibling folder first, which is renamed at the end
+    (an existing output_dir is replaced only when overwrite was allowed)."""
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
     colour_lut(settings.radar.colormap)  # fail on a bad colour map before any work
-    partial = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
     try:
-        partial.mkdir(parents=True)
-    except OSError as error:
-        raise UsageError(f"cannot write in {output_dir.parent}: {error.strerror}") from None
-    try:
-        for user in range(1, settings.num_users + 1):
-            (partial / user_folder(user)).mkdir()
-        jobs = [
-            (settings, str(partial), user, index)
-            for user in range(1, settings.num_users + 1)
-            for index in range(settings.images_per_user)
-        ]
-        started = time.perf_counter()
-        bar = dict(total=len(jobs), desc="simulating", unit="img", disable=not progress)
-        if workers > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                walks = list(tqdm(pool.map(_write_image, jobs, chunksize=16), **bar))
-        else:
-            walks = [_write_image(job) for job in tqdm(jobs, **bar)]
-        seconds = time.perf_counter() - started
-        write_card(partial, settings, walks)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        partial.rename(output_dir)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        with atomic_folder(output_dir) as partial:
+            for user in range(1, settings.num_users + 1):
+                (partial / user_folder(user)).mkdir()
+            jobs = [
+                (settings, str(partial), user, index)
+                for user in range(1, settings.num_users + 1)
+                for index in range(settings.images_per_user)
+            ]
+            started = time.perf_counter()
+            bar = dict(total=len(jobs), desc="simulating", unit="img", disable=not progress)
+            if workers > 1:
+                with ProcessPoolExecutor(max_workers=workers) as pool:
+                    walks = list(tqdm(pool.map(_write_image, jobs, chunksize=16), **bar))
+            else:
+                walks = [_write_image(job) for job in tqdm(jobs, **bar)]
+            seconds = time.perf_counter() - started
+            write_card(partial, settings, walks)
+    except OSError as error:  # an unwritable place or a full disk: the user can fix either
+        raise UsageError(f"cannot write {output_dir}: {error.strerror or error}") from None
     return len(jobs), seconds
 
 
