@@ -11,7 +11,6 @@ Exit code 0 when the mean PSNR >= --min_psnr, 1 when below, 2 on bad input.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from utils.image_grid import labelled_grid, to_pil
 from utils.metrics import LpipsUnavailable, load_lpips, psnr, ssim
 from utils.recipes import default_vae_output_dir
 from utils.training import write_json
+from utils.vae import load_vae
 
 VERDICTS = [  # (margin over --min_psnr in dB, Chinese, English)
     (3.0, "优秀", "excellent"),
@@ -33,26 +33,6 @@ VERDICTS = [  # (margin over --min_psnr in dB, Chinese, English)
     (-3.0, "一般", "fair"),
     (float("-inf"), "较差", "poor"),
 ]
-
-
-def load_vae(vae_path):
-    """An AutoencoderKL from a save_pretrained folder, or a clear error."""
-    from diffusers import AutoencoderKL
-
-    vae_path = Path(vae_path)
-    config_path = vae_path / "config.json"
-    if not config_path.exists():
-        raise UsageError(f"--vae_path {vae_path} is not a VAE folder: no config.json (expected a stage-1 final_model/)")
-    try:
-        class_name = json.loads(config_path.read_text()).get("_class_name")
-    except json.JSONDecodeError:
-        class_name = None
-    if class_name != "AutoencoderKL":
-        raise UsageError(f"--vae_path {vae_path} holds a {class_name or 'unknown'} config, not an AutoencoderKL")
-    try:
-        return AutoencoderKL.from_pretrained(vae_path).eval()
-    except (OSError, ValueError, RuntimeError) as error:
-        raise UsageError(f"--vae_path {vae_path}: cannot load the weights ({str(error).splitlines()[0]})") from None
 
 
 def bicubic_round_trip(images):

@@ -21,10 +21,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from check_vae import load_vae
-from training.train_vae import reconstruct
 from utils.cli import UsageError, run
-from utils.data_loader import MANIFEST_NAME, DatasetManifest, SpectrogramDataset, check_data_dir
+from utils.data_loader import SpectrogramDataset, check_data_dir
+from utils.vae import load_vae, load_vae_manifest, reconstruct
 
 
 def small_cnn(num_users):
@@ -85,10 +84,8 @@ def main(args):
     if args.epochs < 1:
         raise UsageError("--epochs must be at least 1")
     vae_path = Path(args.vae_path)
-    if not (vae_path / MANIFEST_NAME).exists():
-        raise UsageError(f"--vae_path {vae_path} is not a stage-1 final_model (no {MANIFEST_NAME})")
+    manifest = load_vae_manifest(vae_path)
     vae = load_vae(vae_path)
-    manifest = DatasetManifest.load(vae_path / MANIFEST_NAME)
     data_dir = check_data_dir(args.data_dir or manifest.data_dir)
     torch.manual_seed(args.seed)
     resolution = vae.config.sample_size

@@ -157,6 +157,9 @@ def test_check_users_match(mixed_dataset, tmp_path):
     write_image(tmp_path / "ID_1" / "a.png")
     with pytest.raises(UsageError, match="ID_2 user_03"):
         manifest.check_users_match(tmp_path)
+    write_image(mixed_dataset / "ID_9" / "a.png")  # a user the label map does not know
+    with pytest.raises(UsageError, match="does not know: ID_9"):
+        manifest.check_users_match(mixed_dataset)
 
 
 @pytest.mark.parametrize("resolution", [16, 48])

@@ -101,3 +101,16 @@ def test_vae_identity_benchmark_runs(trained_vae, tmp_path):
     assert numbers["num_users"] == 3 and numbers["test_images"] == 6
     assert 0.0 <= numbers["real_test_accuracy"] <= 1.0 and 0.0 <= numbers["reconstruction_accuracy"] <= 1.0
     assert "kept" in result.stdout
+
+
+def test_vae_throughput_benchmark_reports_speed_and_memory(tmp_path):
+    out = tmp_path / "speed.json"
+    result = run_cli("benchmarks/vae_throughput.py", "--preset", "tiny", "--device", "cpu", "--steps", 2,
+                     "--disc_weight", 0.5, "--out", out)
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(out.read_text())
+    assert numbers["resolution"] == 32 and numbers["batch_size"] == 4 and numbers["disc_weight"] == 0.5
+    assert numbers["images_per_second"] > 0 and numbers["peak_memory_gb"] > 0
+    expected_hours = 50 * 4650 / numbers["images_per_second"] / 3600
+    assert numbers["implied_hours"] == pytest.approx(expected_hours)
+    assert "images/s" in result.stdout and "peak memory" in result.stdout

@@ -55,9 +55,13 @@ def test_learning_rate_warms_up_then_follows_a_cosine_per_step(tiny_data, tmp_pa
     assert lrs == pytest.approx(expected, abs=1e-9)
 
 
-def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_data, tmp_path, monkeypatch):
+DISCRIMINATOR = ["--disc_weight", "0.5", "--disc_start", "3", "--disc_channels", "8", "--disc_layers", "2"]
+
+
+@pytest.mark.parametrize("extra", [[], DISCRIMINATOR], ids=["vae", "vae+discriminator"])
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_data, tmp_path, monkeypatch, extra):
     # 21 train images, batch 4: 5 steps per epoch, so the run resumes inside epoch 1.
-    steps = ["--max_train_steps", "9", "--checkpointing_steps", "100"]
+    steps = ["--max_train_steps", "9", "--checkpointing_steps", "100", *extra]
     straight = train(tiny_data, tmp_path / "straight", *steps)
     assert straight.returncode == 0, straight.stderr
 
@@ -92,6 +96,35 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_data, tmp
         assert torch.equal(a[name], b[name]), name
     records = [json.loads(line) for line in (tmp_path / "resumed/logs/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6, 8, 9]  # step 7 was interrupted before logging
+    if extra:  # the discriminator starts after step 3 (0-based step counter >= 3)
+        assert [r["step"] for r in records if "d_loss" in r] == [4, 5, 6, 8, 9]
+
+
+def test_hinge_loss_known_values():
+    from training.train_vae import discriminator_hinge_loss
+
+    assert discriminator_hinge_loss(torch.full((2, 1, 3, 3), 2.0), torch.full((2, 1, 3, 3), -2.0)).item() == 0.0
+    assert discriminator_hinge_loss(torch.zeros(2, 1, 3, 3), torch.zeros(2, 1, 3, 3)).item() == 1.0
+    assert discriminator_hinge_loss(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)).item() == 1.5
+
+
+def test_adversarial_weight_is_adaptive_and_leaves_the_discriminator_alone():
+    from training.train_vae import PatchDiscriminator, adversarial_terms
+
+    torch.manual_seed(0)
+    discriminator = PatchDiscriminator(channels=8, layers=2)
+    last_layer = torch.nn.Parameter(torch.randn(3, 3, 3, 3))
+    source = torch.randn(2, 3, 32, 32)
+    reconstructions = torch.nn.functional.conv2d(source, last_layer, padding=1)
+    target = torch.randn(2, 3, 32, 32)
+    loss = (reconstructions - target).abs().mean()
+    one = adversarial_terms(discriminator, reconstructions, loss, last_layer, disc_weight=0.5)
+    ten = adversarial_terms(discriminator, reconstructions, 10 * loss, last_layer, disc_weight=0.5)
+    # Ten times the reconstruction gradient -> ten times the adversarial weight.
+    assert ten["adv_weight"].item() == pytest.approx(10 * one["adv_weight"].item(), rel=1e-4)
+    (one["adv_weight"] * one["g_adv"]).backward()
+    assert last_layer.grad is not None and last_layer.grad.abs().sum() > 0
+    assert all(p.grad is None and p.requires_grad for p in discriminator.parameters())
 
 
 def test_existing_run_needs_resume_flag(tiny_data, tmp_path):

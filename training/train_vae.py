@@ -15,7 +15,6 @@ Diffusion, pitfall 5).
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from utils.training import (
     train_loader,
     write_json,
 )
+from utils.vae import reconstruct
 
 LATENT_STATS_NAME = "latent_stats.json"
 
@@ -107,17 +107,55 @@ def vae_losses(reconstructions, originals, posterior, args, perceptual):
     return terms
 
 
+class PatchDiscriminator(torch.nn.Module):
+    """PatchGAN (pix2pix; the latent-diffusion autoencoders' adversarial loss): one real/
+    fake logit per overlapping patch, so it judges texture rather than the whole image.
+    GroupNorm instead of BatchNorm: no statistics to synchronise across processes."""
+
+    def __init__(self, channels=64, layers=3):
+        super().__init__()
+        modules = [torch.nn.Conv2d(3, channels, 4, stride=2, padding=1), torch.nn.LeakyReLU(0.2)]
+        width = channels
+        for level in range(1, layers + 1):
+            out = channels * min(2**level, 8)
+            stride = 2 if level < layers else 1
+            modules += [
+                torch.nn.Conv2d(width, out, 4, stride=stride, padding=1, bias=False),
+                torch.nn.GroupNorm(min(32, out // 4), out),
+                torch.nn.LeakyReLU(0.2),
+            ]
+            width = out
+        modules.append(torch.nn.Conv2d(width, 1, 4, stride=1, padding=1))
+        self.layers = torch.nn.Sequential(*modules)
+
+    def forward(self, images):
+        return self.layers(images)  # (B, 1, h, w) logits
+
+
+def discriminator_hinge_loss(logits_real, logits_fake):
+    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
+
+
+def adversarial_terms(discriminator, reconstructions, reconstruction_loss, last_layer, disc_weight):
+    """Generator side of the hinge GAN with the adaptive weight of Esser et al. (2021):
+    the adversarial gradient at the decoder's last layer is scaled to the reconstruction
+    gradient's norm, times disc_weight, so the weight means the same at any loss scale.
+    `discriminator` is the unwrapped module; its parameters are frozen here so that only
+    the decoder receives this gradient."""
+    discriminator.requires_grad_(False)
+    generator_loss = -discriminator(reconstructions).float().mean()
+    discriminator.requires_grad_(True)
+    grad_reconstruction = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)[0]
+    grad_adversarial = torch.autograd.grad(generator_loss, last_layer, retain_graph=True)[0]
+    weight = (grad_reconstruction.norm() / (grad_adversarial.norm() + 1e-4)).clamp(0, 1e4).detach() * disc_weight
+    return {"g_adv": generator_loss, "adv_weight": weight}
+
+
 def time_shift(pixel_values):
     """Augmentation: roll each spectrogram along time by a random amount (a walk
     recorded a little earlier or later); Doppler is never flipped."""
     shifts = torch.randint(0, pixel_values.shape[-1], (pixel_values.shape[0],)).tolist()
     return torch.stack([torch.roll(image, shift, dims=-1) for image, shift in zip(pixel_values, shifts)])
-
-
-@torch.no_grad()
-def reconstruct(vae, pixel_values):
-    """Reconstruction through the posterior mode (deterministic), as evaluation uses."""
-    return vae.decode(vae.encode(pixel_values).latent_dist.mode()).sample.clamp(-1, 1)
 
 
 @torch.no_grad()
@@ -141,7 +179,7 @@ def validate(accelerator, vae, dataset, args, step, metrics, output_dir):
     rows = [[to_pil(pair[0]) for pair in shown], [to_pil(pair[1]) for pair in shown]]
     with atomic_path(Path(output_dir) / "samples" / f"step-{step:06d}.png") as tmp:
         labelled_grid(rows, ["original", "reconstruction"]).save(tmp, format="PNG")
-    plot_curves(metrics.read(), Path(output_dir) / "logs" / "curves.png", ["loss", "pixel", "lpips", "freq", "val_psnr", "val_ssim"])
+    plot_curves(metrics.read(), Path(output_dir) / "logs" / "curves.png", ["loss", "pixel", "lpips", "freq", "g_adv", "d_loss", "val_psnr", "val_ssim"])
     return val_psnr, val_ssim
 
 
@@ -266,6 +304,10 @@ def parse_args(argv=None):
     loss.add_argument("--kl_weight", type=float, help="weight of the KL term (mean per latent element)")
     loss.add_argument("--perceptual_weight", help="weight of LPIPS, or 'auto': 1 when its backbone weights are present, else 0")
     loss.add_argument("--freq_weight", type=float, help="weight of the log-magnitude spectrum L1 term")
+    loss.add_argument("--disc_weight", type=float, help="patch-discriminator (hinge GAN) weight, adaptive; 0 = off")
+    loss.add_argument("--disc_start", type=int, help="optimiser step at which the discriminator starts")
+    loss.add_argument("--disc_channels", type=int, help="discriminator width")
+    loss.add_argument("--disc_layers", type=int, help="discriminator depth (receptive field 34 px at 2, 70 px at 3)")
     opt = p.add_argument_group("optimisation (preset)")
     opt.add_argument("--batch_size", type=int, help="images per process per step")
     opt.add_argument("--num_epochs", type=int, help="epochs, when --max_train_steps is not given")
@@ -327,9 +369,15 @@ def main(args):
         num_training_steps=max_steps * accelerator.num_processes,
     )
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    discriminator = None
+    if args.disc_weight > 0:
+        discriminator = PatchDiscriminator(args.disc_channels, args.disc_layers)
+        disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.learning_rate, betas=(0.5, 0.9))
+        discriminator, disc_optimizer = accelerator.prepare(discriminator, disc_optimizer)
     if perceptual is not None:
         perceptual = perceptual.to(accelerator.device)
 
+    unwrapped = accelerator.unwrap_model(model).vae
     step = 0
     if resume_from is not None:
         step = load_checkpoint(accelerator, resume_from)["step"]
@@ -356,10 +404,11 @@ def main(args):
             f"({args.batch_size} x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes), "
             f"lr {args.learning_rate} warmup {args.warmup_steps} cosine, {accelerator.device}, precision {args.mixed_precision}\n"
             f"  loss {args.pixel_loss} + {args.kl_weight} KL + {args.freq_weight} freq + {args.perceptual_weight} LPIPS; "
-            f"{args.perceptual_note}" + (f"\n  resumed from {resume_from}" if resume_from else "")
+            f"{args.perceptual_note}"
+            + (f"; patch discriminator from step {args.disc_start}, adaptive weight x {args.disc_weight}" if discriminator else "")
+            + (f"\n  resumed from {resume_from}" if resume_from else "")
         )
 
-    unwrapped = accelerator.unwrap_model(model).vae
     last_saved = step
     progress = tqdm(total=max_steps, initial=step, desc="vae", disable=not accelerator.is_main_process)
     started = time.perf_counter()
@@ -371,9 +420,16 @@ def main(args):
                 pixel_values = batch["pixel_values"]
                 if args.use_augmentation:
                     pixel_values = time_shift(pixel_values)
-                with accelerator.accumulate(model):
+                adversarial = discriminator is not None and step >= args.disc_start
+                with accelerator.accumulate(model, *([discriminator] if discriminator is not None else [])):
                     reconstructions, posterior = model(pixel_values)
                     terms = vae_losses(reconstructions, pixel_values, posterior, args, perceptual)
+                    if adversarial:
+                        terms.update(adversarial_terms(
+                            accelerator.unwrap_model(discriminator), reconstructions, terms["loss"],
+                            unwrapped.decoder.conv_out.weight, args.disc_weight,
+                        ))
+                        terms["loss"] = terms["loss"] + terms["adv_weight"] * terms["g_adv"]
                     if not torch.isfinite(terms["loss"]):
                         saved = checkpoints(output_dir)
                         raise RunFailed(
@@ -386,6 +442,15 @@ def main(args):
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if adversarial:
+                        terms["d_loss"] = discriminator_hinge_loss(
+                            discriminator(pixel_values), discriminator(reconstructions.detach())
+                        )
+                        accelerator.backward(terms["d_loss"])
+                        if accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(discriminator.parameters(), args.max_grad_norm)
+                        disc_optimizer.step()
+                        disc_optimizer.zero_grad(set_to_none=True)
                 if not accelerator.sync_gradients:
                     continue
                 step += 1

@@ -252,6 +252,16 @@ class DatasetManifest:
                 f"{data_dir} lacks users of the stored label map: {' '.join(missing)}; "
                 "use the data folder the model was trained on"
             )
+        # A user folder the map does not know would get no row: the datasets differ.
+        extra = sorted(
+            (name for name in present - set(self.users) if any(map(is_image_file, (data_dir / name).iterdir()))),
+            key=natural_key,
+        )
+        if extra:
+            raise UsageError(
+                f"{data_dir} has users the stored label map does not know: {' '.join(extra)}; "
+                "use the data folder the model was trained on, or train again on this one"
+            )
 
     def to_dict(self):
         return {

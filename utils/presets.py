@@ -16,6 +16,12 @@ PRESETS = {
             batch_size=4, learning_rate=1e-3, max_train_steps=4, warmup_steps=1, perceptual_weight=0.0,
             checkpointing_steps=2, validation_steps=2, num_validation_images=4, latent_stats_images=16,
         ),
+        "diffusion": dict(
+            block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=4, norm_num_groups=8,
+            cross_attention_dim=16, num_condition_tokens=2, batch_size=4, learning_rate=1e-3, max_train_steps=4,
+            warmup_steps=1, checkpointing_steps=2, validation_steps=2, validation_users=2, validation_seeds=2,
+            num_inference_steps=4,
+        ),
     },
     "quick": {
         # Measured on the simulated 31-user set, 2-core CPU: 600 steps in ~10 min, test PSNR
@@ -26,12 +32,25 @@ PRESETS = {
             pixel_loss="mse", batch_size=16, learning_rate=2e-3, max_train_steps=600, warmup_steps=100,
             checkpointing_steps=200, validation_steps=200, num_validation_images=8, latent_stats_images=2000,
         ),
+        "diffusion": dict(
+            block_out_channels=(64, 128, 128), layers_per_block=1, attention_head_dim=8, norm_num_groups=32,
+            cross_attention_dim=128, num_condition_tokens=4, batch_size=32, learning_rate=1e-3, max_train_steps=2000,
+            warmup_steps=200, checkpointing_steps=500, validation_steps=500, validation_users=8, validation_seeds=4,
+            num_inference_steps=25,
+        ),
     },
     "standard": {
         "vae": dict(
             resolution=256, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
             norm_num_groups=32, batch_size=8, learning_rate=1e-4, num_epochs=50, warmup_steps=500,
             checkpointing_steps=1000, validation_steps=500, num_validation_images=8, latent_stats_images=2000,
+        ),
+        # The original's scale: sized for a 16 GB GPU at batch 16 in fp16.
+        "diffusion": dict(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, attention_head_dim=8, norm_num_groups=32,
+            cross_attention_dim=512, num_condition_tokens=4, batch_size=16, learning_rate=1e-4, num_epochs=100,
+            warmup_steps=500, checkpointing_steps=1000, validation_steps=1000, validation_users=8, validation_seeds=4,
+            num_inference_steps=25,
         ),
     },
 }
@@ -40,8 +59,14 @@ PRESETS = {
 BASE = {
     "vae": dict(
         kl_weight=1e-4, perceptual_weight="auto", freq_weight=0.1, pixel_loss="l1", gradient_accumulation_steps=1,
+        disc_weight=0.0, disc_start=0, disc_channels=64, disc_layers=3,
         num_epochs=None, max_train_steps=None, max_grad_norm=1.0, checkpoints_total_limit=3,
         mixed_precision="no", weight_decay=0.0,
+    ),
+    "diffusion": dict(
+        num_train_timesteps=1000, prediction_type="epsilon", snr_gamma=5.0, condition_dropout=0.1,
+        gradient_accumulation_steps=1, num_epochs=None, max_train_steps=None, max_grad_norm=1.0, weight_decay=1e-2,
+        mixed_precision="no", use_ema=True, ema_decay=0.9999, checkpoints_total_limit=3, guidance_scale=3.0,
     ),
 }
 

@@ -1,0 +1,162 @@
+"""Stage 2 as users run it: tiny VAE -> tiny diffusion through the command line."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli, write_image
+from utils.condition_encoder import UserConditionEncoder, drop_conditions
+from utils.gait_simulator import SimulationSettings, write_dataset
+
+SCRIPT = "training/train_diffusion.py"
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage1")
+    write_dataset(root / "data", SimulationSettings(num_users=3, images_per_user=10, resolution=32), progress=False)
+    result = run_cli("training/train_vae.py", "--data_dir", root / "data", "--output_dir", root / "vae",
+                     "--preset", "tiny", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def train(stage1, out, *extra, data=None):
+    return run_cli(SCRIPT, "--data_dir", data or stage1 / "data", "--vae_path", stage1 / "vae/final_model",
+                   "--output_dir", out, "--preset", "tiny", "--device", "cpu", *extra)
+
+
+def metric_steps(run):
+    records = [json.loads(line) for line in (run / "logs/metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "loss" in r]
+
+
+def test_tiny_run_writes_a_generator_that_reloads_alone(stage1, tmp_path):
+    from utils.sampling import load_generator
+
+    run = tmp_path / "run"
+    result = train(stage1, run)
+    assert result.returncode == 0, result.stderr
+    for name in ("config.json", "dataset_manifest.json", "latent_cache/train.safetensors", "samples/step-000004.png",
+                 "logs/curves.png", "final_model/generator.json", "final_model/condition_encoder.pt",
+                 "final_model/unet/config.json", "final_model/condition_encoder/config.json",
+                 "final_model/scheduler/scheduler_config.json", "final_model/vae/config.json",
+                 "final_model/dataset_manifest.json"):
+        assert (run / name).exists(), name
+    assert metric_steps(run) == [1, 2, 3, 4]
+    info = json.loads((run / "final_model/generator.json").read_text())
+    assert info["null_index"] == info["num_users"] == 3 and info["users"] == ["ID_1", "ID_2", "ID_3"]
+    assert info["latent_shape"] == [4, 16, 16]
+
+    moved = tmp_path / "elsewhere"  # nothing outside the folder is needed
+    shutil.copytree(run / "final_model", moved)
+    generator = load_generator(moved)
+    images = generator.generate([0, 2], seeds=[5, 6], num_inference_steps=3)
+    assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    again = generator.generate([2], seeds=[6], num_inference_steps=3)
+    assert torch.allclose(again[0], images[1], atol=1e-5)  # (user, seed) fixes the image whatever the batch
+
+    state = torch.load(moved / "condition_encoder.pt", weights_only=True)
+    plain = UserConditionEncoder(**{k: v for k, v in generator.condition_encoder.config.items() if not k.startswith("_")})
+    plain.load_state_dict(state)
+    assert torch.equal(plain(torch.tensor([1])), generator.condition_encoder(torch.tensor([1])))
+
+
+def test_resume_continues_and_reuses_the_latent_cache(stage1, tmp_path):
+    run = tmp_path / "run"
+    first = train(stage1, run, "--max_train_steps", 3, "--checkpointing_steps", 3)
+    assert first.returncode == 0, first.stderr
+    assert "encoding the train split" in first.stderr
+    shutil.rmtree(run / "final_model")
+    resumed = train(stage1, run, "--max_train_steps", 5, "--checkpointing_steps", 3, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "encoding the train split" not in resumed.stderr
+    assert metric_steps(run) == [1, 2, 3, 4, 5]
+    assert (run / "final_model/generator.json").exists()
+
+
+def test_latent_cache_is_rebuilt_when_the_data_change(stage1, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(stage1 / "data", data)
+    run = tmp_path / "run"
+    assert train(stage1, run, "--max_train_steps", 2, data=data).returncode == 0
+    before = load_file(run / "latent_cache/train.safetensors")["mean"]
+    manifest = json.loads((run / "dataset_manifest.json").read_text())
+    user, names = next(iter(manifest["splits"]["train"].items()))
+    write_image(data / user / names[0], size=(32, 32), seed=123)  # a train image changes
+    shutil.rmtree(run / "final_model")
+    again = train(stage1, run, "--max_train_steps", 3, "--resume_from_checkpoint", "latest", data=data)
+    assert again.returncode == 0, again.stderr
+    assert "changed" in again.stdout
+    assert not torch.equal(load_file(run / "latent_cache/train.safetensors")["mean"], before)
+
+
+def test_every_user_name_maps_to_its_training_row(tmp_path):
+    """Users of unequal size, numbered out of order: the cache labels each latent with the
+    row of its folder in the VAE's label map, and generation resolves names to that row."""
+    from utils.data_loader import DatasetManifest
+
+    data = tmp_path / "data"
+    for u, (user, count) in enumerate((("user_10", 2), ("user_2", 9), ("user_3", 6))):
+        for k in range(count):
+            write_image(data / user / f"{k}.png", size=(32, 32), seed=100 * u + k)
+    vae = run_cli("training/train_vae.py", "--data_dir", data, "--output_dir", tmp_path / "vae", "--preset", "tiny",
+                  "--device", "cpu", "--batch_size", 2, "--max_train_steps", 2)
+    assert vae.returncode == 0, vae.stderr
+    run = tmp_path / "run"
+    result = run_cli(SCRIPT, "--data_dir", data, "--vae_path", tmp_path / "vae/final_model", "--output_dir", run,
+                     "--preset", "tiny", "--device", "cpu", "--batch_size", 2, "--max_train_steps", 2)
+    assert result.returncode == 0, result.stderr
+    manifest = DatasetManifest.load(run / "dataset_manifest.json")
+    assert manifest.users == ["user_2", "user_3", "user_10"]
+    cache = load_file(run / "latent_cache/train.safetensors")
+    folders = [path.split("/")[0] for path, _ in manifest.samples("train")]
+    assert "user_10" in folders
+    assert cache["user_index"].tolist() == [manifest.label_map[folder] for folder in folders]
+    info = json.loads((run / "final_model/generator.json").read_text())
+    generation = DatasetManifest.load(run / "final_model")
+    for number, folder in (("10", "user_10"), ("2", "user_2"), ("3", "user_3")):
+        assert info["label_map"][generation.resolve_user(number)] == manifest.label_map[folder]
+
+
+def test_condition_dropout_selects_only_the_null_token():
+    torch.manual_seed(0)
+    users = torch.randint(0, 5, (20000,))
+    dropped = drop_conditions(users, null_index=5, probability=0.25)
+    changed = dropped != users
+    assert set(dropped[changed].tolist()) == {5}
+    assert torch.equal(dropped[~changed], users[~changed])
+    assert 0.23 < changed.float().mean().item() < 0.27
+    assert torch.equal(drop_conditions(users, 5, 0.0), users)
+
+
+@pytest.mark.parametrize("case", ["missing_vae", "not_a_vae", "other_users", "resolution"])
+def test_bad_input_exits_2(stage1, tmp_path, case):
+    vae_path, data, extra = stage1 / "vae/final_model", stage1 / "data", []
+    if case == "missing_vae":
+        vae_path = tmp_path / "nothing"
+    elif case == "not_a_vae":
+        vae_path = stage1 / "vae"  # the run folder, not its final_model
+    elif case == "other_users":
+        data = tmp_path / "other"
+        for user in ("alice", "bob"):
+            write_image(data / user / "0.png", size=(32, 32))
+    else:
+        extra = ["--resolution", "64"]
+    result = run_cli(SCRIPT, "--data_dir", data, "--vae_path", vae_path, "--output_dir", tmp_path / "run",
+                     "--preset", "tiny", "--device", "cpu", *extra)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "final_model").exists()
+
+
+def test_dry_run_shows_the_resolved_configuration(stage1, tmp_path):
+    result = train(stage1, tmp_path / "run", "--dry_run", "--condition_dropout", 0.2)
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    assert config["condition_dropout"] == 0.2 and config["resolution"] == 32 and config["use_ema"] is True
+    assert config["latent_shape"] == [4, 16, 16] and "block_out_channels" in config["preset_filled"]
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,44 @@
+"""A trained stage-1 VAE as the later stages use it: load a final_model folder with a
+clear error, and reconstruct through the posterior mode."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from utils.cli import UsageError
+from utils.data_loader import MANIFEST_NAME, DatasetManifest
+
+
+def load_vae(vae_path, flag="--vae_path"):
+    """An AutoencoderKL from a save_pretrained folder, or a clear error."""
+    from diffusers import AutoencoderKL
+
+    vae_path = Path(vae_path)
+    config_path = vae_path / "config.json"
+    if not config_path.exists():
+        raise UsageError(f"{flag} {vae_path} is not a VAE folder: no config.json (expected a stage-1 final_model/)")
+    try:
+        class_name = json.loads(config_path.read_text()).get("_class_name")
+    except json.JSONDecodeError:
+        class_name = None
+    if class_name != "AutoencoderKL":
+        raise UsageError(f"{flag} {vae_path} holds a {class_name or 'unknown'} config, not an AutoencoderKL")
+    try:
+        return AutoencoderKL.from_pretrained(vae_path).eval()
+    except (OSError, ValueError, RuntimeError) as error:
+        raise UsageError(f"{flag} {vae_path}: cannot load the weights ({str(error).splitlines()[0]})") from None
+
+
+def load_vae_manifest(vae_path, flag="--vae_path"):
+    """The dataset manifest stored with a stage-1 final_model (label map and split)."""
+    path = Path(vae_path) / MANIFEST_NAME
+    if not path.exists():
+        raise UsageError(f"{flag} {vae_path} has no {MANIFEST_NAME}: expected a stage-1 final_model/ folder")
+    return DatasetManifest.load(path)
+
+
+@torch.no_grad()
+def reconstruct(vae, pixel_values):
+    """Reconstruction through the posterior mode (deterministic), as evaluation uses."""
+    return vae.decode(vae.encode(pixel_values).latent_dist.mode()).sample.clamp(-1, 1)
