@@ -160,3 +160,18 @@ def test_dry_run_shows_the_resolved_configuration(stage1, tmp_path):
     assert config["condition_dropout"] == 0.2 and config["resolution"] == 32 and config["use_ema"] is True
     assert config["latent_shape"] == [4, 16, 16] and "block_out_channels" in config["preset_filled"]
     assert not (tmp_path / "run").exists()
+
+
+def test_stage2_benchmarks_run_on_tiny_models(stage1, tmp_path):
+    speed = run_cli("benchmarks/latent_cache_speed.py", "--data_dir", stage1 / "data", "--preset", "tiny",
+                    "--batch_size", 2, "--steps", 1, "--device", "cpu", "--out", tmp_path / "speed.json")
+    assert speed.returncode == 0, speed.stderr
+    numbers = json.loads((tmp_path / "speed.json").read_text())
+    assert numbers["latent_shape"] == [4, 16, 16] and numbers["speedup"] > 0
+    assert "steps/s" in speed.stdout
+    memory = run_cli("benchmarks/diffusion_memory.py", "--preset", "tiny", "--batch_size", 2, "--latent_shape", 4, 8, 8,
+                     "--device", "cpu", "--out", tmp_path / "memory.json")
+    assert memory.returncode == 0, memory.stderr
+    estimate = json.loads((tmp_path / "memory.json").read_text())
+    assert estimate["activations_gb"] > 0 and estimate["peak_memory_gb"] > estimate["static_gb"] > 0
+    assert estimate["fits_16gb"] is True

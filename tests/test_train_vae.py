@@ -174,3 +174,10 @@ def test_report_to_a_missing_tracker_exits_2(tiny_data, tmp_path):
         pytest.skip("wandb is installed here")
     result = train(tiny_data, tmp_path / "run", "--report_to", "wandb")
     assert result.returncode == 2 and "pip install wandb" in result.stderr
+
+
+def test_report_to_tensorboard_writes_event_files(tiny_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    result = train(tiny_data, tmp_path / "run", "--report_to", "tensorboard")
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))

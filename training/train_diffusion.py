@@ -211,7 +211,7 @@ def validate(accelerator, denoiser, vae, noise_scheduler, args, manifest, step, 
         generated = [to_pil(image) for image in images[row * len(seeds):(row + 1) * len(seeds)]]
         rows.append([to_pil(real[first_of_user[manifest.label_map[user]]]["pixel_values"])] + generated)
     with atomic_path(Path(output_dir) / "samples" / f"step-{step:06d}.png") as tmp:
-        labelled_grid(rows, users).save(tmp, format="PNG")
+        labelled_grid(rows, users, cell_size=max(args.resolution, 128)).save(tmp, format="PNG")
 
 
 def save_final_model(denoiser, noise_scheduler, args, manifest, output_dir, latent_shape):
