@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--data_dir", required=True, help="dataset folder whose images the on-the-fly loop decodes")
     p.add_argument("--preset", choices=PRESET_NAMES, default="standard", help="VAE and UNet architecture (default standard)")
     p.add_argument("--resolution", type=int, help="image side (default: the preset's VAE resolution)")
-    p.add_argument("--batch_size", type=int, default=4, help="images per step, both loops (default 4)")
+    p.add_argument("--batch_size", type=int, help="images per step, both loops (default: the preset's diffusion batch)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per loop (default 3)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", help="also write the numbers as JSON here")
@@ -53,13 +53,14 @@ def stage_args(module, preset, stage, resolution):
 
 
 def main(args):
-    if args.steps < 1 or args.batch_size < 1:
-        raise UsageError("--steps and --batch_size must be at least 1")
     data_dir = check_data_dir(args.data_dir)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     vae_args = stage_args(train_vae, args.preset, "vae", args.resolution)
     train_vae.check_architecture(vae_args)
     unet_args = stage_args(train_diffusion, args.preset, "diffusion", None)
+    args.batch_size = args.batch_size or unet_args.batch_size
+    if args.steps < 1 or args.batch_size < 1:
+        raise UsageError("--steps and --batch_size must be at least 1")
     manifest = build_manifest(data_dir)
     dataset = SpectrogramDataset(data_dir, manifest, "train", vae_args.resolution)
     if len(dataset) < args.batch_size * (args.steps + 1):
