@@ -35,7 +35,7 @@ def metric_steps(run):
 
 
 def test_tiny_run_writes_a_generator_that_reloads_alone(stage1, tmp_path):
-    from utils.sampling import load_generator
+    from utils.pipeline import UserDiffusionPipeline
 
     run = tmp_path / "run"
     result = train(stage1, run)
@@ -53,16 +53,20 @@ def test_tiny_run_writes_a_generator_that_reloads_alone(stage1, tmp_path):
 
     moved = tmp_path / "elsewhere"  # nothing outside the folder is needed
     shutil.copytree(run / "final_model", moved)
-    generator = load_generator(moved)
-    images = generator.generate([0, 2], seeds=[5, 6], num_inference_steps=3)
-    assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
-    again = generator.generate([2], seeds=[6], num_inference_steps=3)
-    assert torch.allclose(again[0], images[1], atol=1e-5)  # (user, seed) fixes the image whatever the batch
+    pipe = UserDiffusionPipeline.from_pretrained(moved)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(users=["ID_1", 3], seeds=[5, 6], num_inference_steps=3, output_type="pt")
+    assert out.users == ["ID_1", "ID_3"] and out.seeds == [5, 6]
+    assert out.images.shape == (2, 3, 32, 32) and out.images.min() >= -1 and out.images.max() <= 1
+    again = pipe(users=["ID_3"], seeds=[6], num_inference_steps=3, output_type="pt").images
+    assert torch.allclose(again[0], out.images[1], atol=1e-5)  # (user, seed) fixes the image whatever the batch
+    drawn = pipe(users=[2], num_images_per_user=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert len(drawn.images) == 2 and drawn.images[0].size == (32, 32) and len(set(drawn.seeds)) == 2
 
     state = torch.load(moved / "condition_encoder.pt", weights_only=True)
-    plain = UserConditionEncoder(**{k: v for k, v in generator.condition_encoder.config.items() if not k.startswith("_")})
+    plain = UserConditionEncoder(**{k: v for k, v in pipe.condition_encoder.config.items() if not k.startswith("_")})
     plain.load_state_dict(state)
-    assert torch.equal(plain(torch.tensor([1])), generator.condition_encoder(torch.tensor([1])))
+    assert torch.equal(plain(torch.tensor([1])), pipe.condition_encoder(torch.tensor([1])))
 
 
 def test_resume_continues_and_reuses_the_latent_cache(stage1, tmp_path):
@@ -175,3 +179,40 @@ def test_stage2_benchmarks_run_on_tiny_models(stage1, tmp_path):
     estimate = json.loads((tmp_path / "memory.json").read_text())
     assert estimate["activations_gb"] > 0 and estimate["peak_memory_gb"] > estimate["static_gb"] > 0
     assert estimate["fits_16gb"] is True
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(stage1, tmp_path, monkeypatch):
+    """Ctrl-C at step 6 (inside the second epoch), then the same command with
+    --resume_from_checkpoint latest: the final UNet, encoder and EMA equal a straight run's."""
+    from training import train_diffusion
+    from utils.training import MetricsLog
+
+    steps = ["--max_train_steps", "7", "--checkpointing_steps", "100", "--validation_steps", "100"]
+    straight = train(stage1, tmp_path / "straight", *steps)
+    assert straight.returncode == 0, straight.stderr
+
+    original_log = MetricsLog.log
+
+    def interrupt_at_step_6(self, step, **values):
+        if step == 6 and "loss" in values:
+            raise KeyboardInterrupt
+        return original_log(self, step, **values)
+
+    monkeypatch.setattr(MetricsLog, "log", interrupt_at_step_6)
+    args = train_diffusion.parse_args([
+        "--data_dir", str(stage1 / "data"), "--vae_path", str(stage1 / "vae/final_model"),
+        "--output_dir", str(tmp_path / "resumed"), "--preset", "tiny", "--device", "cpu", *steps,
+    ])
+    with pytest.raises(KeyboardInterrupt):
+        train_diffusion.main(args)
+    assert (tmp_path / "resumed/checkpoints/checkpoint-000006").is_dir()
+    monkeypatch.setattr(MetricsLog, "log", original_log)
+
+    resumed = train(stage1, tmp_path / "resumed", *steps, "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr
+    for part in ("unet", "condition_encoder"):
+        a = load_file(tmp_path / f"straight/final_model/{part}/diffusion_pytorch_model.safetensors")
+        b = load_file(tmp_path / f"resumed/final_model/{part}/diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), (part, name)

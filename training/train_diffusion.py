@@ -196,7 +196,7 @@ def validate(accelerator, denoiser, vae, noise_scheduler, args, manifest, step, 
     seeds = list(range(args.validation_seeds))
     indices = torch.tensor([manifest.label_map[u] for u in users for _ in seeds], device=accelerator.device)
     all_seeds = [seed for _ in users for seed in seeds]
-    sampler = make_sampler(noise_scheduler.config, "dpm")
+    sampler = make_sampler(noise_scheduler.config, "dpmsolver")
     with accelerator.autocast():
         latents = sample_latents(denoiser.unet, denoiser.condition_encoder, sampler, indices, all_seeds, latent_shape,
                                  args.guidance_scale, args.num_inference_steps)

@@ -6,7 +6,9 @@
 Loss = pixel (L1 or MSE, mean per pixel) + kl_weight * KL (mean per latent element, so
 the weight means the same at every resolution) + perceptual_weight * LPIPS +
 freq_weight * L1 between log-magnitude spectra (orthonormal FFT, so the DC term does
-not dominate). Learning rate: linear warmup then cosine, stepped per optimiser step.
+not dominate), and with --disc_weight > 0 a patch-discriminator hinge GAN from step
+--disc_start on, adaptively weighted (Esser et al., 2021). Learning rate: linear warmup
+then cosine, stepped per optimiser step.
 The model is always called through the accelerate-prepared module, so autocast and DDP
 apply (DESIGN.md, pitfall 6). At the end the latent scale is measured on the train split
 and stored in final_model/config.json as `scaling_factor` (never copied from Stable

@@ -1,0 +1,109 @@
+"""inference/generate.py as users run it, on a tiny stage-2 model."""
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from utils.gait_simulator import SimulationSettings, write_dataset
+
+SCRIPT = "inference/generate.py"
+FAST = ["--num_inference_steps", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    write_dataset(root / "data", SimulationSettings(num_users=3, images_per_user=10, resolution=32), progress=False)
+    for command in (
+        ["training/train_vae.py", "--output_dir", root / "vae"],
+        ["training/train_diffusion.py", "--vae_path", root / "vae/final_model", "--output_dir", root / "diffusion"],
+    ):
+        result = run_cli(*command, "--data_dir", root / "data", "--preset", "tiny", "--device", "cpu")
+        assert result.returncode == 0, result.stderr
+    return root / "diffusion/final_model"
+
+
+def three_paths(model):
+    return ["--vae_path", model / "vae", "--unet_path", model / "unet",
+            "--condition_encoder_path", model / "condition_encoder.pt", "--num_users", 3]
+
+
+def test_writes_the_dataset_layout_and_a_manifest(model, tmp_path):
+    out = tmp_path / "generated"
+    result = run_cli(SCRIPT, "--model_path", model, "--user_ids", 1, "ID_3", "--num_images_per_user", 2,
+                     "--output_dir", out, "--grid", "--seed", 7, *FAST)
+    assert result.returncode == 0, result.stderr
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png") if p.name != "grid.png")
+    # seed = --seed + 100000 * label + k: ID_1 has label 0, ID_3 label 2
+    assert files == ["ID_1/ID_1_seed7.png", "ID_1/ID_1_seed8.png", "ID_3/ID_3_seed200007.png", "ID_3/ID_3_seed200008.png"]
+    assert all(Image.open(out / f).size == (32, 32) for f in files)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(r["file"], r["seed"]) for r in manifest["images"]] == [(f, int(f.split("seed")[1][:-4])) for f in files]
+    assert len(manifest["model"]["sha256"]) == 64 and manifest["arguments"]["seed"] == 7
+    assert manifest["resolved"]["users"] == ["ID_1", "ID_3"] and manifest["resolved"]["num_inference_steps"] == 2
+    assert (out / "grid.png").exists()
+
+
+def test_same_arguments_same_files_in_both_command_forms(model, tmp_path):
+    runs = {
+        "a": ["--model_path", model],
+        "b": ["--model_path", model],
+        "three": three_paths(model),
+    }
+    for name, form in runs.items():
+        result = run_cli(SCRIPT, *form, "--user_ids", "all", "--num_images_per_user", 1, "--output_dir", tmp_path / name,
+                         "--batch_size", 2, *FAST)
+        assert result.returncode == 0, result.stderr
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert [f.parts[0] for f in files] == ["ID_1", "ID_2", "ID_3"]  # `all`
+    for name in ("b", "three"):
+        for f in files:
+            assert (tmp_path / name / f).read_bytes() == (tmp_path / "a" / f).read_bytes(), (name, f)
+
+
+@pytest.mark.parametrize("case", ["unknown_user", "missing_part", "zero_images", "num_users", "not_empty", "both_forms"])
+def test_bad_input_exits_2_and_writes_nothing(model, tmp_path, case):
+    out = tmp_path / "generated"
+    args = ["--model_path", model, "--user_ids", 1]
+    expected = ""
+    if case == "unknown_user":
+        args, expected = ["--model_path", model, "--user_ids", 9], "valid users: ID_1 ID_2 ID_3"
+    elif case == "missing_part":
+        broken = tmp_path / "broken"
+        shutil.copytree(model, broken)
+        shutil.rmtree(broken / "unet")
+        args, expected = ["--model_path", broken, "--user_ids", 1], "unet/config.json"
+    elif case == "zero_images":
+        args, expected = args + ["--num_images_per_user", 0], "--num_images_per_user"
+    elif case == "num_users":
+        args = three_paths(model)[:-1] + [5, "--user_ids", 1]
+        expected = "trained on 3 users"
+    elif case == "not_empty":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        expected = "not empty"
+    else:
+        args, expected = args + ["--unet_path", model / "unet"], "not both"
+    result = run_cli(SCRIPT, *args, "--output_dir", out, *FAST)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    if case == "not_empty":
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    else:
+        assert not out.exists()
+
+
+def test_overwrite_replaces_only_a_previous_output(model, tmp_path):
+    out = tmp_path / "generated"
+    first = run_cli(SCRIPT, "--model_path", model, "--user_ids", 2, "--num_images_per_user", 2, "--output_dir", out, *FAST)
+    assert first.returncode == 0, first.stderr
+    again = run_cli(SCRIPT, "--model_path", model, "--user_ids", 2, "--num_images_per_user", 1, "--output_dir", out, *FAST)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    replaced = run_cli(SCRIPT, "--model_path", model, "--user_ids", 2, "--num_images_per_user", 1, "--output_dir", out,
+                       "--overwrite", *FAST)
+    assert replaced.returncode == 0, replaced.stderr
+    assert [p.name for p in (out / "ID_2").iterdir()] == ["ID_2_seed100000.png"]
