@@ -107,3 +107,16 @@ def test_overwrite_replaces_only_a_previous_output(model, tmp_path):
                        "--overwrite", *FAST)
     assert replaced.returncode == 0, replaced.stderr
     assert [p.name for p in (out / "ID_2").iterdir()] == ["ID_2_seed100000.png"]
+
+
+def test_generation_speed_benchmark(model, tmp_path):
+    trained = run_cli("benchmarks/generation_speed.py", "--model_path", model, "--schedulers", "dpmsolver", "ddim",
+                      "--num_images", 2, "--batch_size", 2, "--device", "cpu", "--out", tmp_path / "trained.json")
+    assert trained.returncode == 0, trained.stderr
+    results = json.loads((tmp_path / "trained.json").read_text())["results"]
+    assert [(r["scheduler"], r["steps"]) for r in results] == [("dpmsolver", 25), ("ddim", 50)]
+    assert all(r["images_per_second"] > 0 for r in results)
+    random = run_cli("benchmarks/generation_speed.py", "--preset", "tiny", "--num_users", 3, "--schedulers", "euler",
+                     "--num_images", 1, "--device", "cpu")
+    assert random.returncode == 0, random.stderr
+    assert "images/s" in random.stdout
