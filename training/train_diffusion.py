@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from utils.cli import RunFailed, UsageError, run
+from utils.cli import UsageError, run
 from utils.condition_encoder import UserConditionEncoder, drop_conditions
 from utils.data_loader import MANIFEST_NAME, SpectrogramDataset, check_data_dir
 from utils.files import atomic_folder, atomic_path
@@ -37,10 +37,11 @@ from utils.image_grid import labelled_grid, to_pil
 from utils.presets import PRESET_NAMES, resolve_preset
 from utils.sampling import GENERATOR_INFO, decode_latents, make_sampler, sample_latents
 from utils.training import (
+    check_finite,
+    resume_point,
+    write_run_config,
     MetricsLog,
-    checkpoints,
     epoch_batches,
-    find_checkpoint,
     load_checkpoint,
     make_accelerator,
     plot_curves,
@@ -345,11 +346,7 @@ def main(args):
     if args.dry_run:
         print(json.dumps({**vars(args), "latent_shape": latent_shape, "preset_filled": decided}, indent=2))
         return 0
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"--output_dir {output_dir} is a file")
-    resume_from = find_checkpoint(output_dir, args.resume_from_checkpoint)
-    if resume_from is None and (checkpoints(output_dir) or (output_dir / "final_model").exists()):
-        raise UsageError(f"{output_dir} already holds a run: add --resume_from_checkpoint latest, or choose another --output_dir")
+    resume_from = resume_point(output_dir, args.resume_from_checkpoint)
 
     accelerator = make_accelerator(args, output_dir)
     torch.manual_seed(args.seed)
@@ -393,14 +390,8 @@ def main(args):
     metrics.truncate_after(step)
     if accelerator.is_main_process:
         manifest.save(output_dir / MANIFEST_NAME)
-        config = {**vars(args), "preset_filled": decided, "num_processes": accelerator.num_processes,
-                  "latent_shape": latent_shape, "num_users": manifest.num_users, "null_index": manifest.null_index}
-        config["effective_batch_size"] = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-        config["max_train_steps_resolved"] = max_steps
-        write_json(output_dir / "config.json", config)
-        if args.report_to != "none":
-            scalars = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
-            accelerator.init_trackers("train_diffusion", config=scalars)
+        config = write_run_config(accelerator, output_dir, args, max_steps, "train_diffusion", preset_filled=decided,
+                                  latent_shape=latent_shape, num_users=manifest.num_users, null_index=manifest.null_index)
         parameters = sum(p.numel() for p in denoiser.parameters())
         print(
             f"train_diffusion: preset {args.preset}, {manifest.num_users} users (+ null token {manifest.null_index}), "
@@ -441,12 +432,7 @@ def main(args):
                 with accelerator.accumulate(model):
                     prediction = model(noisy, timesteps, conditions)
                     loss = diffusion_loss(prediction, target, timesteps, noise_scheduler, args)
-                    if not torch.isfinite(loss):
-                        saved = checkpoints(output_dir)
-                        raise RunFailed(
-                            f"loss became {loss.item()} at step {step}; the last good checkpoint is "
-                            f"{saved[-1] if saved else 'none'}; try a lower --learning_rate or --mixed_precision no"
-                        )
+                    check_finite(loss, step, output_dir)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)

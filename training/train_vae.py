@@ -28,17 +28,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from utils.cli import RunFailed, UsageError, run
+from utils.cli import UsageError, run
 from utils.data_loader import MANIFEST_NAME, DatasetManifest, SpectrogramDataset, build_manifest, check_data_dir
 from utils.files import atomic_folder, atomic_path
 from utils.image_grid import labelled_grid, to_pil
 from utils.metrics import LpipsUnavailable, load_lpips, psnr, ssim
 from utils.presets import PRESET_NAMES, resolve_preset
 from utils.training import (
+    check_finite,
+    resume_point,
+    write_run_config,
     MetricsLog,
     epoch_batches,
-    checkpoints,
-    find_checkpoint,
     load_checkpoint,
     make_accelerator,
     plot_curves,
@@ -341,11 +342,7 @@ def main(args):
     if args.dry_run:
         print(json.dumps({**vars(args), "preset_filled": decided}, indent=2))
         return 0
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"--output_dir {output_dir} is a file")
-    resume_from = find_checkpoint(output_dir, args.resume_from_checkpoint)
-    if resume_from is None and (checkpoints(output_dir) or (output_dir / "final_model").exists()):
-        raise UsageError(f"{output_dir} already holds a run: add --resume_from_checkpoint latest, or choose another --output_dir")
+    resume_from = resume_point(output_dir, args.resume_from_checkpoint)
     perceptual = resolve_perceptual(args)
 
     accelerator = make_accelerator(args, output_dir)
@@ -388,14 +385,7 @@ def main(args):
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         manifest.save(output_dir / MANIFEST_NAME)
-        config = {**vars(args), "preset_filled": decided, "num_processes": accelerator.num_processes}
-        config["effective_batch_size"] = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-        config["max_train_steps_resolved"] = max_steps
-        write_json(output_dir / "config.json", config)
-        if args.report_to != "none":
-            # Trackers take scalar hyperparameters only.
-            scalars = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
-            accelerator.init_trackers("train_vae", config=scalars)
+        config = write_run_config(accelerator, output_dir, args, max_steps, "train_vae", preset_filled=decided)
         parameters = sum(p.numel() for p in vae.parameters())
         print(
             f"train_vae: preset {args.preset}, {args.resolution}x{args.resolution} -> "
@@ -432,12 +422,7 @@ def main(args):
                             unwrapped.decoder.conv_out.weight, args.disc_weight,
                         ))
                         terms["loss"] = terms["loss"] + terms["adv_weight"] * terms["g_adv"]
-                    if not torch.isfinite(terms["loss"]):
-                        saved = checkpoints(output_dir)
-                        raise RunFailed(
-                            f"loss became {terms['loss'].item()} at step {step}; the last good checkpoint is "
-                            f"{saved[-1] if saved else 'none'}; try a lower --learning_rate or --mixed_precision no"
-                        )
+                    check_finite(terms["loss"], step, output_dir)
                     accelerator.backward(terms["loss"])
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from utils.cli import UsageError
+from utils.cli import RunFailed, UsageError
 from utils.files import atomic_path
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)$")
@@ -212,3 +212,39 @@ def total_steps(args, batches_per_epoch):
     if args.max_train_steps:
         return args.max_train_steps, steps_per_epoch
     return args.num_epochs * steps_per_epoch, steps_per_epoch
+
+
+def resume_point(output_dir, resume):
+    """The checkpoint to resume from (or None), refusing to start over a finished or
+    checkpointed run unless --resume_from_checkpoint says so."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {output_dir} is a file")
+    resume_from = find_checkpoint(output_dir, resume)
+    if resume_from is None and (checkpoints(output_dir) or (output_dir / "final_model").exists()):
+        raise UsageError(f"{output_dir} already holds a run: add --resume_from_checkpoint latest, or choose another --output_dir")
+    return resume_from
+
+
+def write_run_config(accelerator, output_dir, args, max_steps, tracker_name, **extra):
+    """config.json (every resolved argument plus `extra`), and the trackers when asked.
+    Main process only; returns the config."""
+    config = {**vars(args), **extra, "num_processes": accelerator.num_processes}
+    config["effective_batch_size"] = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    config["max_train_steps_resolved"] = max_steps
+    write_json(Path(output_dir) / "config.json", config)
+    if args.report_to != "none":
+        # Trackers take scalar hyperparameters only.
+        scalars = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(tracker_name, config=scalars)
+    return config
+
+
+def check_finite(loss, step, output_dir):
+    """Stop with a clear message on a NaN/inf loss; the last checkpoint stays intact."""
+    if not torch.isfinite(loss):
+        saved = checkpoints(output_dir)
+        raise RunFailed(
+            f"loss became {loss.item()} at step {step}; the last good checkpoint is "
+            f"{saved[-1] if saved else 'none'}; try a lower --learning_rate or --mixed_precision no"
+        )
