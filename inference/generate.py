@@ -27,6 +27,7 @@ if not __package__:  # run as `python inference/generate.py`: make the repositor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.cli import UsageError, run
@@ -60,6 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default="outputs/generated", help="where the user folders go")
     p.add_argument("--grid", action="store_true", help="also write grid.png: one row per user, names in the margin")
     p.add_argument("--overwrite", action="store_true", help="replace an output folder that already holds generated images")
+    p.add_argument("--filter_classifier", help="a train_classifier.py folder: keep only images it assigns to their user")
+    p.add_argument("--min_confidence", type=float, default=0.5,
+                   help="with --filter_classifier: the classifier's probability for the intended user must reach this")
+    p.add_argument("--max_tries_per_image", type=int, default=20,
+                   help="with --filter_classifier: give up on a user after this many candidates per wanted image")
     return p.parse_args(argv)
 
 
@@ -88,9 +94,29 @@ def load_pipeline(args, dtype):
     return pipe, [Path(p) for p in three_paths]
 
 
+def load_filter(args, manifest):
+    """None, or a function (PIL images, labels) -> the classifier's probability of each label."""
+    if not args.filter_classifier:
+        return None
+    from utils.classifier import load_classifier, pil_to_array, predict
+
+    model, classifier_manifest, resolution = load_classifier(args.filter_classifier, "--filter_classifier")
+    if classifier_manifest.users != manifest.users:
+        raise UsageError(f"--filter_classifier {args.filter_classifier} was trained on other users than the generator "
+                         f"({classifier_manifest.num_users} vs {manifest.num_users}); train it on the same dataset")
+
+    def judge(images, labels):
+        logits, _ = predict(model, torch.stack([pil_to_array(image, resolution) for image in images]))
+        return logits.softmax(1)[torch.arange(len(labels)), torch.tensor(labels)].tolist()
+
+    return judge
+
+
 def main(args):
     if args.num_images_per_user < 1 or args.num_images_per_user > SEEDS_PER_USER:
         raise UsageError(f"--num_images_per_user must be between 1 and {SEEDS_PER_USER}")
+    if not 0.0 <= args.min_confidence <= 1.0 or args.max_tries_per_image < 1:
+        raise UsageError("--min_confidence must be in [0, 1] and --max_tries_per_image at least 1")
     if args.batch_size < 1 or (args.num_inference_steps is not None and args.num_inference_steps < 1):
         raise UsageError("--batch_size and --num_inference_steps must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -114,25 +140,43 @@ def main(args):
     pipe.set_progress_bar_config(disable=True)
     guidance = pipe.info["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
     steps = args.num_inference_steps or SAMPLERS[args.scheduler][1]
-    jobs = [(user, args.seed + SEEDS_PER_USER * pipe.manifest.label_map[user] + k)
-            for user in users for k in range(args.num_images_per_user)]
 
-    records, grid_rows = [], {user: [] for user in users}
+    def seed_of(user, k):
+        return args.seed + SEEDS_PER_USER * pipe.manifest.label_map[user] + k
+
+    judge = load_filter(args, pipe.manifest)
+    wanted = args.num_images_per_user
+    tries_allowed = wanted * (args.max_tries_per_image if judge else 1)
+    if tries_allowed > SEEDS_PER_USER:
+        raise UsageError(f"--num_images_per_user x --max_tries_per_image must stay below {SEEDS_PER_USER}")
+    kept = {user: [] for user in users}  # user -> records of accepted images
+    tried = {user: 0 for user in users}
     with atomic_folder(output_dir) as partial:
-        progress = tqdm(total=len(jobs), desc="generating", unit="image")
-        for start in range(0, len(jobs), args.batch_size):
-            batch = jobs[start:start + args.batch_size]
-            out = pipe(users=[u for u, _ in batch], seeds=[s for _, s in batch], guidance_scale=guidance,
-                       num_inference_steps=steps)
-            for (user, seed), image in zip(batch, out.images):
-                relative = f"{user}/{user}_seed{seed}.png"
-                (partial / user).mkdir(exist_ok=True)
-                image.save(partial / relative)
-                records.append({"file": relative, "user": user, "label": pipe.manifest.label_map[user], "seed": seed})
-                if args.grid and len(grid_rows[user]) < 8:
-                    grid_rows[user].append(image)
-            progress.update(len(batch))
+        progress = tqdm(total=len(users) * wanted, desc="generating", unit="image")
+        # Rounds: each user asks for as many new seeds as it still lacks. A user's images
+        # are thus its first accepted seeds in order, whatever the other users do.
+        while jobs := [(user, k) for user in users
+                       for k in range(tried[user], min(tried[user] + wanted - len(kept[user]), tries_allowed))]:
+            for user, _ in jobs:
+                tried[user] += 1
+            for start in range(0, len(jobs), args.batch_size):
+                batch = [(user, seed_of(user, k)) for user, k in jobs[start:start + args.batch_size]]
+                out = pipe(users=[u for u, _ in batch], seeds=[s for _, s in batch], guidance_scale=guidance,
+                           num_inference_steps=steps)
+                confidences = judge(out.images, [pipe.manifest.label_map[u] for u, _ in batch]) if judge else None
+                for i, ((user, seed), image) in enumerate(zip(batch, out.images)):
+                    record = {"file": f"{user}/{user}_seed{seed}.png", "user": user,
+                              "label": pipe.manifest.label_map[user], "seed": seed}
+                    if judge:
+                        record["confidence"] = round(confidences[i], 4)
+                        if confidences[i] < args.min_confidence:
+                            continue
+                    (partial / user).mkdir(exist_ok=True)
+                    image.save(partial / record["file"])
+                    kept[user].append(record)
+                    progress.update(1)
         progress.close()
+        records = [record for user in users for record in kept[user]]
         manifest = {
             "model": {"paths": [str(p) for p in parts], "sha256": model_hash(parts)},
             "arguments": vars(args),
@@ -140,10 +184,21 @@ def main(args):
                          "scheduler": args.scheduler, "resolution": pipe.info["resolution"]},
             "images": records,
         }
+        if judge:
+            manifest["filter"] = {user: {"kept": len(kept[user]), "tried": tried[user],
+                                         "acceptance_rate": len(kept[user]) / tried[user]} for user in users}
         (partial / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
         if args.grid:
-            labelled_grid([grid_rows[u] for u in users], users, cell_size=max(128, pipe.info["resolution"])).save(
+            rows = [[Image.open(partial / r["file"]) for r in kept[u][:8]] for u in users if kept[u]]
+            labelled_grid(rows, [u for u in users if kept[u]], cell_size=max(128, pipe.info["resolution"])).save(
                 partial / "grid.png")
+    if judge:
+        rates = " ".join(f"{u}:{len(kept[u]) / tried[u]:.0%}" for u in users)
+        print(f"classifier filter (confidence >= {args.min_confidence}): acceptance per user {rates}")
+        short = [f"{u} ({len(kept[u])}/{wanted})" for u in users if len(kept[u]) < wanted]
+        if short:
+            print(f"WARNING: after {args.max_tries_per_image} tries per image these users have fewer images than "
+                  f"asked: {' '.join(short)}; lower --min_confidence or raise --max_tries_per_image", file=sys.stderr)
     print(f"wrote {len(records)} images of {len(users)} users to {output_dir} "
           f"({args.scheduler}, {steps} steps, guidance {guidance}); manifest.json lists every seed")
     return 0

@@ -49,3 +49,19 @@ def mixed_dataset(tmp_path):
     (root / "empty_user").mkdir()
     (root / "ID_1" / "notes.txt").write_text("not an image")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tmp_path_factory):
+    """A tiny stage-1 + stage-2 run on 3 simulated users at 32x32: ROOT/{data, vae, diffusion}."""
+    from utils.gait_simulator import SimulationSettings, write_dataset
+
+    root = tmp_path_factory.mktemp("stage2")
+    write_dataset(root / "data", SimulationSettings(num_users=3, images_per_user=10, resolution=32), progress=False)
+    for command in (
+        ["training/train_vae.py", "--output_dir", root / "vae"],
+        ["training/train_diffusion.py", "--vae_path", root / "vae/final_model", "--output_dir", root / "diffusion"],
+    ):
+        result = run_cli(*command, "--data_dir", root / "data", "--preset", "tiny", "--device", "cpu")
+        assert result.returncode == 0, result.stderr
+    return root

@@ -7,23 +7,14 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from utils.gait_simulator import SimulationSettings, write_dataset
 
 SCRIPT = "inference/generate.py"
 FAST = ["--num_inference_steps", "2", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stage2")
-    write_dataset(root / "data", SimulationSettings(num_users=3, images_per_user=10, resolution=32), progress=False)
-    for command in (
-        ["training/train_vae.py", "--output_dir", root / "vae"],
-        ["training/train_diffusion.py", "--vae_path", root / "vae/final_model", "--output_dir", root / "diffusion"],
-    ):
-        result = run_cli(*command, "--data_dir", root / "data", "--preset", "tiny", "--device", "cpu")
-        assert result.returncode == 0, result.stderr
-    return root / "diffusion/final_model"
+def model(tiny_generator):
+    return tiny_generator / "diffusion/final_model"
 
 
 def three_paths(model):

@@ -22,6 +22,11 @@ PRESETS = {
             warmup_steps=1, checkpointing_steps=2, validation_steps=2, validation_users=2, validation_seeds=2,
             num_inference_steps=4,
         ),
+        "classifier": dict(
+            resolution=32, widths=(8, 16, 16, 32), depths=(1, 1, 1, 1), batch_size=16, learning_rate=3e-3,
+            weight_decay=5e-4, max_train_steps=20, eval_every=10, patience=3,
+        ),
+        "evaluation": dict(budgets=(2, "all"), num_seeds=1, gain_seeds=2),
     },
     "quick": {
         # Measured on the simulated 31-user set, 2-core CPU, 600 steps (~9 min), test split:
@@ -42,6 +47,11 @@ PRESETS = {
             warmup_steps=200, checkpointing_steps=600, validation_steps=600, validation_users=8, validation_seeds=4,
             num_inference_steps=25,
         ),
+        "classifier": dict(
+            resolution=64, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1), batch_size=64, learning_rate=2e-3,
+            weight_decay=5e-4, max_train_steps=600, eval_every=50, patience=4,
+        ),
+        "evaluation": dict(budgets=(5, 10), num_seeds=3, gain_seeds=5),
     },
     "standard": {
         "vae": dict(
@@ -56,6 +66,12 @@ PRESETS = {
             warmup_steps=500, checkpointing_steps=1000, validation_steps=1000, validation_users=8, validation_seeds=4,
             num_inference_steps=25,
         ),
+        # ResNet-18's shape, from scratch.
+        "classifier": dict(
+            resolution=256, widths=(64, 128, 256, 512), depths=(2, 2, 2, 2), batch_size=64, learning_rate=1e-3,
+            weight_decay=5e-4, max_train_steps=3000, eval_every=200, patience=5,
+        ),
+        "evaluation": dict(budgets=(5, 10, 20, "all"), num_seeds=3, gain_seeds=5),
     },
 }
 
@@ -81,7 +97,7 @@ def resolve_preset(args, stage):
     """Fill the None attributes of `args` from the preset, then from BASE. Returns the
     names of the flags the preset (or BASE) decided, for the banner and config.json."""
     decided = []
-    for source in (PRESETS[args.preset][stage], BASE[stage]):
+    for source in (PRESETS[args.preset][stage], BASE.get(stage, {})):
         for name, value in source.items():
             if getattr(args, name, None) is None and value is not None:
                 setattr(args, name, list(value) if isinstance(value, tuple) else value)

@@ -1,0 +1,140 @@
+"""train_classifier.py, evaluate.py and classifier-filtered generation, as users run them, on tiny models."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from utils.classifier import load_classifier
+
+CPU = ["--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def generated(tiny_generator, tmp_path_factory):
+    """3 images of each of the 3 tiny users, sampled in 2 steps."""
+    out = tmp_path_factory.mktemp("generated") / "g"
+    result = run_cli("inference/generate.py", "--model_path", tiny_generator / "diffusion/final_model",
+                     "--num_images_per_user", 3, "--num_inference_steps", 2, "--output_dir", out, *CPU)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluation(tiny_generator, generated, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluation") / "e"
+    result = run_cli("inference/evaluate.py", "--data_dir", tiny_generator / "data", "--generated_dir", generated,
+                     "--output_dir", out, "--preset", "tiny", "--compare_dir", generated, *CPU)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_train_classifier_writes_a_reloadable_folder(tiny_generator, tmp_path):
+    out = tmp_path / "classifier"
+    result = run_cli("training/train_classifier.py", "--data_dir", tiny_generator / "data", "--output_dir", out,
+                     "--preset", "tiny", "--manifest", tiny_generator / "diffusion/final_model", "--seed", 3, *CPU)
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout
+    model, manifest, resolution = load_classifier(out)
+    assert manifest.users == ["ID_1", "ID_2", "ID_3"] and resolution == 32
+    assert model.config.id2label == {0: "ID_1", 1: "ID_2", 2: "ID_3"}
+    info = json.loads((out / "training.json").read_text())
+    assert info["counts"] == {"train": 21, "val": 3, "test": 6} and 0 <= info["test_accuracy"] <= 1
+    again = run_cli("training/train_classifier.py", "--data_dir", tiny_generator / "data", "--output_dir", out, *CPU)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_report_has_every_section_and_plot(evaluation, generated):
+    report = json.loads((evaluation / "report.json").read_text())
+    for key in ("identity", "vae", "compare", "tstr", "gain", "distribution", "memorisation"):
+        assert key in report, key
+    assert report["counts"] == {"train": 21, "val": 3, "test": 6, "generated": 9}
+    assert len(report["identity"]["per_user_generated"]) == 3 and len(report["identity"]["confusion_generated_seed0"]) == 3
+    assert sum(map(sum, report["identity"]["confusion_generated_seed0"])) == 9
+    assert list(report["gain"]) == ["2", "all"] and report["gain"]["2"]["difference"]["n"] == 2
+    assert set(report["distribution"]) >= {"frechet_distance", "precision", "recall", "density", "coverage"}
+    assert 0 <= report["memorisation"]["share"] <= 1
+    # --compare_dir with the evaluated folder itself: the same classifiers give the same accuracy.
+    assert report["compare"][str(generated)]["identity"]["mean"] == report["identity"]["generated"]["mean"]
+    markdown = (evaluation / "report.md").read_text()
+    for plot in ("confusion.png", "per_user_accuracy.png", "augmentation_gain.png", "closest_pairs.png",
+                 "real_vs_generated.png"):
+        assert f"({plot})" in markdown
+        assert Image.open(evaluation / plot).size[0] > 50
+    load_classifier(evaluation / "classifier")
+
+
+def test_a_given_classifier_is_reused(tiny_generator, generated, evaluation, tmp_path):
+    out = tmp_path / "again"
+    result = run_cli("inference/evaluate.py", "--data_dir", tiny_generator / "data", "--generated_dir", generated,
+                     "--output_dir", out, "--preset", "tiny", "--classifier_path", evaluation / "classifier",
+                     "--budgets", "all", "--gain_seeds", 1, *CPU)
+    assert result.returncode == 0, result.stderr
+    first, second = (json.loads((d / "report.json").read_text()) for d in (evaluation, out))
+    assert second["num_seeds"] == 1 and not (out / "classifier").exists()
+    assert second["identity"]["generated"]["values"][0] == first["identity"]["generated"]["values"][0]
+
+
+def test_classifier_filter_keeps_only_confident_images(tiny_generator, evaluation, tmp_path):
+    model = tiny_generator / "diffusion/final_model"
+    common = ["inference/generate.py", "--model_path", model, "--num_images_per_user", 2, "--num_inference_steps", 2,
+              "--filter_classifier", evaluation / "classifier", *CPU]
+    result = run_cli(*common, "--min_confidence", 0.4, "--max_tries_per_image", 3, "--output_dir", tmp_path / "f")
+    assert result.returncode == 0, result.stderr
+    assert "acceptance per user" in result.stdout
+    manifest = json.loads((tmp_path / "f/manifest.json").read_text())
+    for user, numbers in manifest["filter"].items():
+        kept = [r for r in manifest["images"] if r["user"] == user]
+        assert len(kept) == numbers["kept"] <= 2 and numbers["tried"] <= 6
+        assert all(r["confidence"] >= 0.4 for r in kept)
+        assert numbers["kept"] == 2 or numbers["tried"] == 6
+    everything = run_cli(*common, "--min_confidence", 0, "--output_dir", tmp_path / "all")
+    assert everything.returncode == 0, everything.stderr
+    rates = json.loads((tmp_path / "all/manifest.json").read_text())["filter"]
+    assert all(r == {"kept": 2, "tried": 2, "acceptance_rate": 1.0} for r in rates.values())
+    impossible = run_cli(*common, "--min_confidence", 1, "--max_tries_per_image", 1, "--output_dir", tmp_path / "none")
+    assert impossible.returncode == 0 and "fewer images than asked" in impossible.stderr
+
+
+@pytest.mark.parametrize("case", ["unknown_user", "empty", "budget", "not_empty", "filter_users"])
+def test_bad_input_exits_2(tiny_generator, generated, evaluation, tmp_path, case):
+    out = tmp_path / "report"
+    generated_dir, extra, expected = generated, [], ""
+    if case == "unknown_user":
+        generated_dir = tmp_path / "strange"
+        Image.new("RGB", (32, 32)).save((generated_dir / "ID_9").mkdir(parents=True) or generated_dir / "ID_9/a.png")
+        expected = "does not know: ID_9"
+    elif case == "empty":
+        generated_dir = tmp_path / "empty"
+        (generated_dir / "ID_1").mkdir(parents=True)
+        expected = "holds no images"
+    elif case == "budget":
+        extra, expected = ["--budgets", "0"], "--budgets"
+    elif case == "not_empty":
+        out.mkdir()
+        (out / "mine.txt").write_text("keep")
+        expected = "not empty"
+    if case == "filter_users":
+        other = tmp_path / "other_data"
+        for user in ("ID_1", "ID_2"):
+            Image.new("RGB", (32, 32)).save((other / user).mkdir(parents=True) or other / user / "a.png")
+        result = run_cli("inference/generate.py", "--model_path", tiny_generator / "diffusion/final_model",
+                         "--filter_classifier", evaluation / "classifier", "--output_dir", out, *CPU,
+                         "--num_inference_steps", 1)
+        assert result.returncode == 0, result.stderr  # same users: accepted
+        result = run_cli("training/train_classifier.py", "--data_dir", other, "--output_dir", tmp_path / "c2",
+                         "--preset", "tiny", *CPU)
+        assert result.returncode == 0, result.stderr
+        result = run_cli("inference/generate.py", "--model_path", tiny_generator / "diffusion/final_model",
+                         "--filter_classifier", tmp_path / "c2", "--output_dir", tmp_path / "g2", *CPU)
+        assert result.returncode == 2 and "other users" in result.stderr and not (tmp_path / "g2").exists()
+        return
+    result = run_cli("inference/evaluate.py", "--data_dir", tiny_generator / "data", "--generated_dir", generated_dir,
+                     "--output_dir", out, "--preset", "tiny", *extra, *CPU)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    if case == "not_empty":
+        assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    else:
+        assert not out.exists()

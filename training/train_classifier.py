@@ -1,0 +1,98 @@
+"""Train the person-ID classifier that judges generated images (utils/classifier.py).
+
+    python training/train_classifier.py --data_dir data/simulated --output_dir outputs/classifier --preset quick
+    # the split of a trained generator, so its test images stay unseen:
+    python training/train_classifier.py --data_dir data/simulated --output_dir outputs/classifier \\
+        --manifest outputs/diffusion/final_model/dataset_manifest.json
+
+Trains from scratch on the train split, keeps the weights with the best val accuracy
+(early stopping), prints the test accuracy and writes OUTPUT/{config.json,
+model.safetensors, dataset_manifest.json, training.json}. The folder is what
+inference/evaluate.py --classifier_path and inference/generate.py --filter_classifier take.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+if not __package__:  # run as `python training/train_classifier.py`: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from utils import classifier as clf
+from utils.cli import UsageError, run
+from utils.data_loader import DatasetManifest, build_manifest, check_data_dir
+from utils.presets import PRESET_NAMES, resolve_preset
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train the person-ID classifier on the train split (see the module docstring).")
+    p.add_argument("--data_dir", required=True, help="dataset folder with one subfolder per user")
+    p.add_argument("--output_dir", required=True, help="the classifier folder to write")
+    p.add_argument("--manifest", help="dataset_manifest.json (or a folder holding one) whose split to use; "
+                                      "default: the standard split of --data_dir, as the trainers make it")
+    p.add_argument("--preset", choices=PRESET_NAMES, default="quick")
+    p.add_argument("--resolution", type=int, help="side the images are resized to (preset)")
+    p.add_argument("--max_train_steps", type=int, help="optimiser steps (preset); early stopping may end sooner")
+    p.add_argument("--num_epochs", type=int, help="instead of --max_train_steps: passes over the train split")
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--learning_rate", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing classifier folder")
+    p.add_argument("--dry_run", action="store_true", help="print the resolved configuration and exit")
+    return p.parse_args(argv)
+
+
+SETTINGS = ("widths", "depths", "batch_size", "learning_rate", "weight_decay", "max_train_steps", "eval_every", "patience")
+
+
+def main(args):
+    if args.max_train_steps is not None and args.num_epochs is not None:
+        raise UsageError("give --max_train_steps or --num_epochs, not both")
+    explicit_steps = args.max_train_steps is not None
+    resolve_preset(args, "classifier")
+    for name in ("resolution", "max_train_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1")
+    if args.num_epochs is not None and args.num_epochs < 1:
+        raise UsageError("--num_epochs must be at least 1")
+    data_dir = check_data_dir(args.data_dir)
+    manifest = DatasetManifest.load(args.manifest) if args.manifest else build_manifest(data_dir)
+    manifest.check_users_match(data_dir)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not args.overwrite:
+        raise UsageError(f"--output_dir {output_dir} exists and is not empty: choose another folder or --overwrite")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    train_count = len(manifest.samples("train"))
+    if args.num_epochs is not None and not explicit_steps:
+        args.max_train_steps = args.num_epochs * math.ceil(train_count / args.batch_size)
+    settings = {name: getattr(args, name) for name in SETTINGS}
+    print(f"classifier: {manifest.num_users} users, {train_count} train images at {args.resolution}x{args.resolution}, "
+          f"ResNet widths {settings['widths']} depths {settings['depths']}, up to {args.max_train_steps} steps "
+          f"of {args.batch_size}, seed {args.seed}, {device}")
+    if args.dry_run:
+        print(json.dumps(vars(args), indent=2, default=str))
+        return 0
+
+    started = time.perf_counter()
+    train, val, test = (clf.load_split(data_dir, manifest, s, args.resolution) for s in ("train", "val", "test"))
+    model, history = clf.train_classifier(train, val, manifest.users, settings, args.seed, device)
+    test_accuracy = clf.accuracy(model, *test)
+    info = {"arguments": vars(args), "resolution": args.resolution, "seed": args.seed, "settings": settings,
+            "data_dir": str(data_dir), "counts": {s: len(x[1]) for s, x in zip(("train", "val", "test"), (train, val, test))},
+            "test_accuracy": test_accuracy, "seconds": time.perf_counter() - started, **history}
+    clf.save_classifier(model.cpu(), output_dir, manifest, info)
+    print(f"test accuracy {test_accuracy:.3f} on {len(test[1])} real test images (best val {history['best_val_accuracy']:.3f} "
+          f"at step {history['best_step']}); wrote {output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, parse_args())

@@ -1,0 +1,194 @@
+"""The person-ID classifier used to evaluate generated images, and its training loop.
+
+A transformers `ResNetForImageClassification` (basic blocks, widths from the preset)
+trained from scratch: no pretrained download, and a folder that reloads with plain
+transformers (config.json with the label map as id2label, model.safetensors) plus the
+dataset manifest whose split it was trained on.
+
+Real and generated images go through one path: `load_image_folder` / `load_split`
+decode, convert to RGB and resize to the classifier's resolution, kept as uint8 in
+memory; `to_model_input` maps them to [-1, 1] exactly as the diffusion stages see them.
+"""
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from utils.cli import UsageError
+from utils.data_loader import MANIFEST_NAME, DatasetManifest, is_image_file, load_rgb, natural_key
+from utils.files import atomic_folder
+
+TRAINING_INFO = "training.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def image_array(path, resolution):
+    """One image file as a (3, R, R) uint8 tensor, resized with the data loader's filter."""
+    return pil_to_array(load_rgb(path), resolution)
+
+
+def pil_to_array(image, resolution):
+    """An RGB PIL image as a (3, R, R) uint8 tensor; the one resize every image goes through."""
+    from PIL import Image
+
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def to_model_input(images_uint8):
+    """(B, 3, R, R) uint8 -> float in [-1, 1], the range every stage works in."""
+    return images_uint8.float() / 127.5 - 1.0
+
+
+def stack(paths, labels, resolution):
+    if not paths:
+        return torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    return torch.stack([image_array(p, resolution) for p in paths]), torch.tensor(labels, dtype=torch.long)
+
+
+def load_split(data_dir, manifest, split, resolution):
+    """(images uint8 (N, 3, R, R), labels (N,)) of one split of the manifest."""
+    samples = manifest.samples(split)
+    return stack([Path(data_dir) / relative for relative, _ in samples], [label for _, label in samples], resolution)
+
+
+def load_image_folder(folder, manifest, resolution, flag="--generated_dir"):
+    """Images of a folder in the dataset layout (FOLDER/<user>/*.png), labelled by the
+    manifest's label map. Returns (images, labels, relative paths)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {folder} is not a folder")
+    user_dirs = sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                       key=lambda p: natural_key(p.name))
+    unknown = [p.name for p in user_dirs if p.name not in manifest.label_map and any(map(is_image_file, p.iterdir()))]
+    if unknown:
+        raise UsageError(f"{flag} {folder} has users the dataset does not know: {' '.join(unknown)}; "
+                         f"valid users: {' '.join(manifest.users)}")
+    paths, labels = [], []
+    for user_dir in user_dirs:
+        for path in sorted(filter(is_image_file, user_dir.iterdir()), key=lambda p: natural_key(p.name)):
+            paths.append(path)
+            labels.append(manifest.label_map[user_dir.name])
+    if not paths:
+        raise UsageError(f"{flag} {folder} holds no images in user folders (expected {folder}/<user>/*.png)")
+    images, labels = stack(paths, labels, resolution)
+    return images, labels, [str(p.relative_to(folder)) for p in paths]
+
+
+def build_classifier(users, widths, depths):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(
+        num_channels=3, embedding_size=widths[0], hidden_sizes=list(widths), depths=list(depths), layer_type="basic",
+        num_labels=len(users), id2label=dict(enumerate(users)), label2id={u: i for i, u in enumerate(users)},
+    )
+    return ResNetForImageClassification(config)
+
+
+@torch.no_grad()
+def predict(model, images_uint8, batch_size=256):
+    """Logits (N, users) and pooled features (N, C) of uint8 images, in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    logits, features = [], []
+    for start in range(0, len(images_uint8), batch_size):
+        x = to_model_input(images_uint8[start:start + batch_size].to(device))
+        pooled = model.resnet(x).pooler_output  # (B, C, 1, 1)
+        features.append(pooled.flatten(1).float().cpu())
+        logits.append(model.classifier(pooled).float().cpu())
+    if not logits:
+        return torch.zeros(0, model.config.num_labels), torch.zeros(0, model.config.hidden_sizes[-1])
+    return torch.cat(logits), torch.cat(features)
+
+
+def accuracy(model, images_uint8, labels):
+    if len(labels) == 0:
+        return float("nan")
+    logits, _ = predict(model, images_uint8)
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def roll_time(images, generator):
+    """Shift each spectrogram circularly along time (the width): the same walk recorded a
+    little earlier or later. Never flipped: a mirrored Doppler axis is another motion."""
+    shifts = torch.randint(0, images.shape[-1], (len(images),), generator=generator)
+    columns = (torch.arange(images.shape[-1]) - shifts[:, None]) % images.shape[-1]  # (B, W)
+    return torch.gather(images, 3, columns[:, None, None, :].expand_as(images).to(images.device))
+
+
+def train_classifier(train, val, users, settings, seed, device="cpu", desc="classifier", progress=True):
+    """Train from scratch on `train` = (uint8 images, labels); keep the weights with the
+    best accuracy on `val` (evaluated every `eval_every` steps), stop after `patience`
+    evaluations without improvement. Returns (model on device, history dict)."""
+    images, labels = train
+    if len(images) == 0:
+        raise UsageError(f"{desc}: no training images")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = build_classifier(users, settings["widths"], settings["depths"]).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
+    max_steps, warmup = settings["max_train_steps"], max(1, settings["max_train_steps"] // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, cosine decay
+        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / max_steps, 1.0)))))
+    batch_size = min(settings["batch_size"], len(images))
+    best = {"val_accuracy": -1.0, "step": 0, "state": None}
+    history, waited, order = [], 0, torch.zeros(0, dtype=torch.long)
+    bar = tqdm(range(1, max_steps + 1), desc=desc, leave=False, disable=not progress)
+    for step in bar:
+        model.train()
+        if len(order) < batch_size:  # a fresh permutation per epoch; the last partial batch is dropped
+            order = torch.randperm(len(images), generator=generator)
+        index, order = order[:batch_size], order[batch_size:]
+        x = roll_time(to_model_input(images[index]), generator).to(device)
+        loss = F.cross_entropy(model(pixel_values=x).logits, labels[index].to(device), label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % settings["eval_every"] == 0 or step == max_steps:
+            val_accuracy = accuracy(model, *val) if len(val[1]) else 0.0
+            history.append({"step": step, "loss": loss.item(), "val_accuracy": val_accuracy})
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_accuracy:.3f}")
+            if val_accuracy > best["val_accuracy"]:
+                best = {"val_accuracy": val_accuracy, "step": step, "state": copy.deepcopy(model.state_dict())}
+                waited = 0
+            else:
+                waited += 1
+                if waited >= settings["patience"]:
+                    break
+    bar.close()
+    model.load_state_dict(best["state"])
+    return model.eval(), {"best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
+                          "steps_run": history[-1]["step"], "history": history}
+
+
+def save_classifier(model, folder, manifest, info):
+    """FOLDER/{config.json, model.safetensors, dataset_manifest.json, training.json}, atomically."""
+    with atomic_folder(folder) as partial:
+        model.save_pretrained(partial, safe_serialization=True)
+        manifest.save(partial / MANIFEST_NAME)
+        (partial / TRAINING_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str))
+
+
+def load_classifier(folder, flag="--classifier_path"):
+    """(model in eval mode, its dataset manifest, its resolution) from a saved folder."""
+    from transformers import ResNetForImageClassification
+
+    folder = Path(folder)
+    for name in ("config.json", WEIGHTS_NAME, MANIFEST_NAME, TRAINING_INFO):
+        if not (folder / name).is_file():
+            raise UsageError(f"{flag} {folder} is not a classifier folder: {name} is missing "
+                             "(make one with training/train_classifier.py)")
+    manifest = DatasetManifest.load(folder / MANIFEST_NAME)
+    model = ResNetForImageClassification.from_pretrained(folder)
+    if [model.config.id2label[i] for i in range(model.config.num_labels)] != manifest.users:
+        raise UsageError(f"{flag} {folder}: the model's label map disagrees with its dataset manifest")
+    resolution = json.loads((folder / TRAINING_INFO).read_text())["resolution"]
+    return model.eval(), manifest, resolution
