@@ -27,6 +27,8 @@ PRESETS = {
             weight_decay=5e-4, max_train_steps=20, eval_every=10, patience=3,
         ),
         "evaluation": dict(budgets=(2, "all"), num_seeds=1, gain_seeds=2),
+        # run_pipeline.py: the built-in dataset it simulates, images generated per user, the VAE gate.
+        "pipeline": dict(num_users=3, images_per_user=12, resolution=32, images_to_generate=4, min_psnr=0.0),
     },
     "quick": {
         # Measured on the simulated 31-user set, 2-core CPU, 600 steps (~9 min), test split:
@@ -52,6 +54,7 @@ PRESETS = {
             weight_decay=5e-4, max_train_steps=600, eval_every=50, patience=4,
         ),
         "evaluation": dict(budgets=(5, 10), num_seeds=3, gain_seeds=5),
+        "pipeline": dict(num_users=31, images_per_user=150, resolution=256, images_to_generate=30, min_psnr=20.0),
     },
     "standard": {
         "vae": dict(
@@ -72,6 +75,7 @@ PRESETS = {
             weight_decay=5e-4, max_train_steps=3000, eval_every=200, patience=5,
         ),
         "evaluation": dict(budgets=(5, 10, 20, "all"), num_seeds=3, gain_seeds=5),
+        "pipeline": dict(num_users=31, images_per_user=150, resolution=256, images_to_generate=100, min_psnr=25.0),
     },
 }
 

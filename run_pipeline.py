@@ -1,0 +1,203 @@
+"""The whole job in one command: data -> VAE -> check -> diffusion -> generation -> evaluation -> report.
+
+    python run_pipeline.py                                   # built-in simulated dataset, quick preset
+    python run_pipeline.py --data_dir /path/to/your/data     # your own user folders
+    python run_pipeline.py --preset tiny --output_dir /tmp/p # a smoke test in about a minute
+
+Each stage runs the project's own script in a subprocess, with the same Python:
+
+    data        python -m utils.gait_simulator   (skipped with --data_dir)
+    vae         training/train_vae.py
+    check_vae   check_vae.py                     (stops the run when PSNR < the preset's gate)
+    diffusion   training/train_diffusion.py
+    generate    inference/generate.py            (every user)
+    evaluate    inference/evaluate.py            (trains the person-ID classifiers, report)
+
+OUTPUT/report.md sums it all up with pictures; OUTPUT/pipeline.json records each stage's
+command and time. Re-running skips every stage whose final output is complete; an
+interrupted training resumes from its last checkpoint; --force redoes everything.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from utils.cli import UsageError, run
+from utils.presets import PRESET_NAMES, PRESETS
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Run every stage on the built-in simulated dataset or on your data "
+                                            "(see the module docstring).")
+    p.add_argument("--data_dir", help="your dataset (one folder per user); default: simulate the built-in one")
+    p.add_argument("--preset", choices=PRESET_NAMES, default="quick", help="model sizes and budgets of every stage")
+    p.add_argument("--output_dir", default="outputs/pipeline", help="one folder for every stage's output")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--images_to_generate", type=int, help="generated images per user (preset)")
+    p.add_argument("--force", action="store_true", help="redo every stage, even those already complete")
+    return p.parse_args(argv)
+
+
+def stages(args, out, data_dir):
+    """(name, marker of a complete output, folder the stage owns, command) in running order."""
+    python = [sys.executable]
+    settings = PRESETS[args.preset]["pipeline"]
+    device = ["--device", args.device]
+    preset = ["--preset", args.preset]
+    vae_model, diffusion_model = out / "vae/final_model", out / "diffusion/final_model"
+    plan = []
+    if not args.data_dir:
+        plan.append(("data", data_dir / "dataset_card.json", data_dir, python + [
+            "-m", "utils.gait_simulator", "--output_dir", data_dir, "--num_users", settings["num_users"],
+            "--images_per_user", settings["images_per_user"], "--resolution", settings["resolution"], "--seed", 0,
+            "--overwrite"]))
+    plan += [
+        ("vae", vae_model / "config.json", out / "vae", python + [
+            "training/train_vae.py", "--data_dir", data_dir, "--output_dir", out / "vae", *preset, *device,
+            "--resume_from_checkpoint", "latest"]),
+        ("check_vae", out / "vae_check/vae_check.json", out / "vae_check", python + [
+            "check_vae.py", "--vae_path", vae_model, "--data_dir", data_dir, "--output_dir", out / "vae_check",
+            "--min_psnr", settings["min_psnr"], *device]),
+        ("diffusion", diffusion_model / "generator.json", out / "diffusion", python + [
+            "training/train_diffusion.py", "--vae_path", vae_model, "--data_dir", data_dir,
+            "--output_dir", out / "diffusion", *preset, *device, "--resume_from_checkpoint", "latest"]),
+        ("generate", out / "generated/manifest.json", out / "generated", python + [
+            "inference/generate.py", "--model_path", diffusion_model, "--user_ids", "all", "--num_images_per_user",
+            args.images_to_generate or settings["images_to_generate"], "--output_dir", out / "generated",
+            "--batch_size", 64, "--grid", "--overwrite", *device]),
+        ("evaluate", out / "evaluation/report.json", out / "evaluation", python + [
+            "inference/evaluate.py", "--data_dir", data_dir, "--generated_dir", out / "generated",
+            "--output_dir", out / "evaluation", *preset, *device, "--overwrite"]),
+    ]
+    return [(name, marker, owned, [str(part) for part in command]) for name, marker, owned, command in plan]
+
+
+def minutes(seconds):
+    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+
+
+def machine():
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}; Python " \
+           f"{platform.python_version()}, torch {torch.__version__}"
+
+
+def write_report(out, record):
+    """OUTPUT/report.md: the numbers of every stage and the pictures, paths relative to OUTPUT."""
+    check = json.loads((out / "vae_check/vae_check.json").read_text())
+    evaluation = json.loads((out / "evaluation/report.json").read_text())
+    generated = json.loads((out / "generated/manifest.json").read_text())
+    samples = sorted((out / "diffusion/samples").glob("*.png"))
+    identity, dist = evaluation["identity"], evaluation["distribution"]
+    lines = [
+        "# Pipeline report", "",
+        f"`{record['command']}` — preset `{record['preset']}`, data `{record['data_dir']}`, finished "
+        f"{record['finished']}, on {record['machine']}.", "",
+        "| stage | time | |", "|---|---|---|",
+        *[f"| {s['name']} | {minutes(s['seconds'])} | {'skipped: already complete' if s['skipped'] else ''} |"
+          for s in record["stages"]],
+        f"| **all** | **{minutes(record['seconds'])}** | this run |", "",
+        "## Stage 1: VAE", "",
+        f"Test split, {check['num_images']} images at {check['resolution']}x{check['resolution']}: PSNR "
+        f"**{check['psnr']['mean']:.2f} dB** (a 2x bicubic round trip: {check['bicubic_psnr']['mean']:.2f} dB), "
+        f"SSIM {check['ssim']['mean']:.3f}; verdict: {check['verdict']['en']}. Originals over reconstructions:", "",
+        "![VAE check](vae_check/vae_check.png)", "",
+        "## Stage 2: diffusion", "",
+    ]
+    if samples:
+        lines += ["Validation samples at the last step (first column real, then one seed per column):", "",
+                  f"![samples]({samples[-1].relative_to(out).as_posix()})", ""]
+    resolved = generated["resolved"]
+    lines += [
+        "## Generation", "",
+        f"{len(generated['images'])} images, {len(resolved['users'])} users, {resolved['scheduler']} "
+        f"{resolved['num_inference_steps']} steps, guidance {resolved['guidance_scale']}, in `generated/` "
+        "(the dataset's layout). First images of each user:", "",
+        "![generated](generated/grid.png)", "",
+        "## Evaluation", "",
+        f"Person-ID classifiers trained on the real train split ({len(identity['real_test']['values'])} seeds): "
+        f"**{100 * identity['real_test']['mean']:.1f}%** on real test images, **{100 * identity['generated']['mean']:.1f}%**"
+        f" on generated images ({100 * identity['ratio']:.1f}% of it).",
+    ]
+    if evaluation.get("vae"):
+        v = evaluation["vae"]
+        lines.append(f"Trained on VAE reconstructions: {100 * v['reconstructed_test']['mean']:.1f}% on reconstructed "
+                     f"test images, {100 * v['generated']['mean']:.1f}% on generated.")
+    lines += [f"Train on generated, test on real: {100 * evaluation['tstr']['real_test']['mean']:.1f}%.", "",
+              "| real images per user | real only | real + generated | gain (points, 95% CI) |", "|---|---|---|---|"]
+    for budget, g in evaluation["gain"].items():
+        d = g["difference"]
+        lines.append(f"| {budget} | {100 * sum(g['real']) / len(g['real']):.1f}% | "
+                     f"{100 * sum(g['augmented']) / len(g['augmented']):.1f}% | {100 * d['mean']:+.1f} "
+                     f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] |")
+    lines += ["", f"Frechet distance {dist['frechet_distance']:.2f} (real train vs test: "
+              f"{dist['frechet_distance_real_train_vs_test']:.2f}), precision {dist['precision']:.3f}, recall "
+              f"{dist['recall']:.3f}, coverage {dist['coverage']:.3f}; memorised "
+              f"{100 * evaluation['memorisation']['share']:.1f}%. The full report: "
+              "[evaluation/report.md](evaluation/report.md).", "",
+              "![augmentation gain](evaluation/augmentation_gain.png)", "",
+              "![real vs generated](evaluation/real_vs_generated.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def main(args):
+    if args.images_to_generate is not None and args.images_to_generate < 1:
+        raise UsageError("--images_to_generate must be at least 1")
+    out = Path(args.output_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} is a file")
+    if args.data_dir:
+        from utils.data_loader import check_data_dir
+
+        data_dir = check_data_dir(args.data_dir).resolve()
+    else:
+        data_dir = out / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / "pipeline.json"
+    previous = json.loads(record_path.read_text()) if record_path.exists() and not args.force else {}
+    previous_times = {s["name"]: s["seconds"] for s in previous.get("stages", [])}
+    plan = stages(args, out, data_dir)
+    started = time.perf_counter()
+    done = []
+    for number, (name, marker, owned, command) in enumerate(plan, start=1):
+        head = f"[stage {number}/{len(plan)} {name}]"
+        if args.force:  # every owned folder lies inside --output_dir; the user's --data_dir is never one
+            shutil.rmtree(owned, ignore_errors=True)
+        if marker.exists():
+            print(f"{head} already complete ({marker.relative_to(out)}), skipped", flush=True)
+            done.append({"name": name, "seconds": previous_times.get(name, 0.0), "skipped": True, "command": command})
+            continue
+        print(f"{head} {' '.join(command[1:])}", flush=True)
+        stage_start = time.perf_counter()
+        result = subprocess.run(command, cwd=REPO_ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        seconds = time.perf_counter() - stage_start
+        if result.returncode != 0 or not marker.exists():
+            raise UsageError(f"{head} failed (exit {result.returncode}) after {minutes(seconds)}; fix the cause "
+                             "above and run the same command again: finished stages are skipped and training "
+                             "resumes from its last checkpoint")
+        print(f"{head} done in {minutes(seconds)} (total {minutes(time.perf_counter() - started)})", flush=True)
+        done.append({"name": name, "seconds": seconds, "skipped": False, "command": command})
+    record = {
+        "command": "python run_pipeline.py " + " ".join(sys.argv[1:]), "preset": args.preset,
+        "data_dir": str(data_dir), "machine": machine(), "stages": done, "seconds": time.perf_counter() - started,
+        "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    record_path.write_text(json.dumps(record, indent=2))
+    write_report(out, record)
+    print(f"pipeline finished in {minutes(record['seconds'])}: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, parse_args())

@@ -1,0 +1,36 @@
+"""run_pipeline.py, the main job, at the tiny preset."""
+
+import json
+import shutil
+
+from conftest import run_cli
+
+STAGES = ["data", "vae", "check_vae", "diffusion", "generate", "evaluate"]
+
+
+def test_tiny_pipeline_runs_every_stage_then_skips_what_is_complete(tmp_path):
+    out = tmp_path / "pipeline"
+    first = run_cli("run_pipeline.py", "--preset", "tiny", "--output_dir", out, "--device", "cpu")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    record = json.loads((out / "pipeline.json").read_text())
+    assert [s["name"] for s in record["stages"]] == STAGES and not any(s["skipped"] for s in record["stages"])
+    assert sorted(p.name for p in (out / "data").iterdir() if p.is_dir()) == ["ID_1", "ID_2", "ID_3"]
+    report = (out / "report.md").read_text()
+    for heading in ("## Stage 1: VAE", "## Stage 2: diffusion", "## Generation", "## Evaluation"):
+        assert heading in report
+    for picture in ("vae_check/vae_check.png", "generated/grid.png", "evaluation/augmentation_gain.png"):
+        assert f"]({picture})" in report and (out / picture).is_file()
+    assert "[stage 6/6 evaluate] done in" in first.stdout
+
+    # A lost evaluation is redone alone; everything before it is skipped.
+    shutil.rmtree(out / "evaluation")
+    again = run_cli("run_pipeline.py", "--preset", "tiny", "--output_dir", out, "--device", "cpu")
+    assert again.returncode == 0, again.stderr[-3000:]
+    skipped = [s["name"] for s in json.loads((out / "pipeline.json").read_text())["stages"] if s["skipped"]]
+    assert skipped == STAGES[:-1]
+    assert "[stage 2/6 vae] already complete" in again.stdout
+
+
+def test_a_missing_data_dir_exits_2(tmp_path):
+    result = run_cli("run_pipeline.py", "--data_dir", tmp_path / "nowhere", "--output_dir", tmp_path / "out")
+    assert result.returncode == 2 and "nowhere" in result.stderr and "Traceback" not in result.stderr
