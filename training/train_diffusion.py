@@ -357,7 +357,8 @@ def main(args):
     dataset = LatentDataset(cache)
     if len(dataset) < args.batch_size:
         raise UsageError(f"{len(dataset)} train images: too few for --batch_size {args.batch_size}")
-    loader = train_loader(dataset, args.batch_size, args.seed)
+    loader = accelerator.prepare(train_loader(dataset, args.batch_size, args.seed))
+    # Per process: each step takes one batch on every process (the effective batch is batch x processes).
     max_steps, steps_per_epoch = total_steps(args, len(loader))
 
     unet = build_unet(args, latent_shape[0], latent_shape[1])
@@ -380,7 +381,7 @@ def main(args):
         ema = EMAModel(denoiser.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=2 / 3)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(denoiser, optimizer, loader, lr_scheduler)
+    model, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
     unwrapped = accelerator.unwrap_model(model)
 
     step = 0

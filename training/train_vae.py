@@ -352,7 +352,8 @@ def main(args):
     val_set = SpectrogramDataset(args.data_dir, manifest, "val", args.resolution)
     if len(train_set) < args.batch_size or len(val_set) == 0:
         raise UsageError(f"{len(train_set)} train / {len(val_set)} val images: too few for --batch_size {args.batch_size}")
-    loader = train_loader(train_set, args.batch_size, args.seed, args.num_workers)
+    loader = accelerator.prepare(train_loader(train_set, args.batch_size, args.seed, args.num_workers))
+    # Per process: each step takes one batch on every process (the effective batch is batch x processes).
     max_steps, steps_per_epoch = total_steps(args, len(loader))
 
     vae = build_vae(args)
@@ -367,7 +368,7 @@ def main(args):
         num_warmup_steps=args.warmup_steps * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes,
     )
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     discriminator = None
     if args.disc_weight > 0:
         discriminator = PatchDiscriminator(args.disc_channels, args.disc_layers)
