@@ -21,6 +21,7 @@ if not __package__:  # run as `python benchmarks/generation_speed.py`: make the 
 
 import torch
 
+from benchmarks._memory import peak_memory_gb, reset_peak_memory
 from utils.cli import UsageError, run
 from utils.presets import PRESET_NAMES
 from utils.sampling import SAMPLERS
@@ -98,8 +99,7 @@ def main(args):
         pipe.use_scheduler(scheduler)
         steps = SAMPLERS[scheduler][1]
         pipe(users=users[:1], seeds=[0], guidance_scale=args.guidance_scale, num_inference_steps=2)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        reset_peak_memory(device)
         started = time.perf_counter()
         for start in range(0, args.num_images, args.batch_size):
             count = min(args.batch_size, args.num_images - start)
@@ -110,7 +110,7 @@ def main(args):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         results.append({"scheduler": scheduler, "steps": steps, "images": args.num_images, "seconds": seconds,
-                        "images_per_second": args.num_images / seconds})
+                        "images_per_second": args.num_images / seconds, "peak_memory_gb": peak_memory_gb(device)})
         print(f"  {scheduler:>9} {steps:4d} steps: {args.num_images / seconds:8.3f} images/s ({seconds:.1f} s for {args.num_images})")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": name, "resolution": pipe.info["resolution"],

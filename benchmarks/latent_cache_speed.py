@@ -23,6 +23,7 @@ if not __package__:  # run as `python benchmarks/latent_cache_speed.py`: make th
 import torch
 
 from training import train_diffusion, train_vae
+from benchmarks._memory import peak_memory_gb
 from utils.cli import UsageError, run
 from utils.condition_encoder import UserConditionEncoder
 from utils.data_loader import SpectrogramDataset, build_manifest, check_data_dir
@@ -116,7 +117,7 @@ def main(args):
     result = {
         "device": name, "preset": args.preset, "resolution": vae_args.resolution, "latent_shape": list(latent_shape),
         "batch_size": args.batch_size, "steps": args.steps, "on_the_fly_steps_per_second": fly,
-        "cached_steps_per_second": fast, "speedup": fast / fly,
+        "cached_steps_per_second": fast, "speedup": fast / fly, "peak_memory_gb": peak_memory_gb(device),
     }
     print(
         f"stage-2 {args.preset} UNet on {name}, {vae_args.resolution}x{vae_args.resolution} images -> "

@@ -12,7 +12,6 @@ CPU) and the implied time for --epochs epochs of --epoch_images images.
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ if not __package__:  # run as `python benchmarks/vae_throughput.py`: make the re
 import torch
 
 from training import train_vae
+from benchmarks._memory import peak_memory_gb
 from utils.cli import UsageError, run
 from utils.presets import PRESET_NAMES, resolve_preset
 from utils.training import make_accelerator
@@ -55,12 +55,6 @@ def training_args(args):
     train_vae.check_architecture(config)
     config.disc_start = 0
     return config
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def main(args):
