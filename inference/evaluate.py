@@ -262,7 +262,9 @@ def write_markdown(report, path):
     lines += ["## Augmentation gain", "",
               "Classifiers trained on a budget of real train images per user, alone and with every generated image "
               "added; the same seed draws the same real images and the same initialisation for both, so the gain is "
-              "paired.", "",
+              "paired. The generator itself was trained on the whole train split: below that budget its images also "
+              "carry what it learned from real images the budget classifier never saw, so this measures what the "
+              "generated images add for a classifier, not what a generator trained on the budget alone would give.", "",
               "| real images per user | real only | real + generated | gain (points) | 95% CI | seeds |",
               "|---|---|---|---|---|---|"]
     for budget, g in r["gain"].items():

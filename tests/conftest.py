@@ -11,6 +11,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Nothing in the tests may reach a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Under pytest-xdist (pytest.ini runs two workers) every process gets one thread: two
+# workers whose torch each spin two threads on two cores slow each other down many times.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def run_cli(*args, cwd=REPO_ROOT):
