@@ -343,7 +343,8 @@ def main(args):
         "per_user_generated": np.nanmean([s["per_user"] for s in scores], 0).tolist(),
         "confusion_generated_seed0": scores[0]["confusion"],
     }
-    identity["ratio"] = identity["generated"]["mean"] / identity["real_test"]["mean"]
+    real_mean = identity["real_test"]["mean"]
+    identity["ratio"] = identity["generated"]["mean"] / real_mean if real_mean > 0 else float("nan")
     log(f"identity: real test {pct(identity['real_test']['mean'])}, generated {pct(identity['generated']['mean'])}")
 
     # The same with classifiers trained on VAE reconstructions.

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from utils.cli import UsageError, run
 from utils.files import atomic_folder
 from utils.image_grid import labelled_grid
-from utils.sampling import SAMPLERS
+from utils.sampling import DEFAULT_SAMPLER, SAMPLERS
 
 SEEDS_PER_USER = 100_000
 
@@ -52,8 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--user_ids", nargs="+", default=["all"], help="users: numbers (1 -> ID_1 / user_01), folder names, or all")
     p.add_argument("--num_images_per_user", type=int, default=10)
     p.add_argument("--guidance_scale", type=float, help="classifier-free guidance (default: the value stored with the model)")
-    p.add_argument("--scheduler", choices=list(SAMPLERS), default="dpmsolver", help="sampler built from the stored schedule")
-    p.add_argument("--num_inference_steps", type=int, help="default: 25 dpmsolver, 50 ddim, 30 euler, 1000 ddpm")
+    p.add_argument("--scheduler", choices=list(SAMPLERS), default=DEFAULT_SAMPLER,
+                   help="sampler built from the stored schedule (dpmsolver_sde: stochastic DPM-Solver++, see README)")
+    p.add_argument("--num_inference_steps", type=int,
+                   help="default: " + ", ".join(f"{steps} {name}" for name, (_, steps, _) in SAMPLERS.items()))
     p.add_argument("--batch_size", type=int, default=16, help="images per sampling batch")
     p.add_argument("--seed", type=int, default=0, help="base seed (see the module docstring)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -111,3 +111,14 @@ def test_generation_speed_benchmark(model, tmp_path):
                      "--num_images", 1, "--device", "cpu")
     assert random.returncode == 0, random.stderr
     assert "images/s" in random.stdout
+
+
+@pytest.mark.parametrize("scheduler", ["dpmsolver_sde", "ddpm"])
+def test_an_image_does_not_depend_on_the_other_users_in_its_batch(model, tmp_path, scheduler):
+    # Stochastic samplers draw their step noise from each image's own generator too.
+    common = ["--model_path", model, "--num_images_per_user", 2, "--scheduler", scheduler, *FAST]
+    alone = run_cli(SCRIPT, *common, "--user_ids", 2, "--batch_size", 1, "--output_dir", tmp_path / "alone")
+    together = run_cli(SCRIPT, *common, "--user_ids", "all", "--batch_size", 6, "--output_dir", tmp_path / "all")
+    assert alone.returncode == 0 and together.returncode == 0, alone.stderr + together.stderr
+    for name in ("ID_2_seed100000.png", "ID_2_seed100001.png"):
+        assert (tmp_path / "alone/ID_2" / name).read_bytes() == (tmp_path / "all/ID_2" / name).read_bytes()

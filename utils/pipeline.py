@@ -21,7 +21,7 @@ from utils.cli import UsageError
 from utils.condition_encoder import UserConditionEncoder
 from utils.data_loader import MANIFEST_NAME, DatasetManifest
 from utils.image_grid import to_pil
-from utils.sampling import GENERATOR_INFO, SAMPLERS, decode_latents, make_sampler, sample_latents
+from utils.sampling import DEFAULT_SAMPLER, GENERATOR_INFO, SAMPLERS, decode_latents, make_sampler, sample_latents
 from utils.vae import load_vae
 
 MODEL_PARTS = ("vae/config.json", "unet/config.json", "condition_encoder/config.json",
@@ -44,7 +44,7 @@ class UserDiffusionPipeline(DiffusionPipeline):
         self.manifest = None
 
     @classmethod
-    def from_pretrained(cls, model_path, scheduler="dpmsolver", torch_dtype=None, flag="--model_path"):
+    def from_pretrained(cls, model_path, scheduler=DEFAULT_SAMPLER, torch_dtype=None, flag="--model_path"):
         """Everything from a stage-2 final_model folder: no data folder, no pickles."""
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
@@ -68,11 +68,11 @@ class UserDiffusionPipeline(DiffusionPipeline):
         if manifest.label_map != info["label_map"] or encoder.config.num_users != manifest.num_users:
             raise UsageError(f"{flag} {path}: generator.json, the manifest and the condition encoder disagree on the users")
         pipe = cls(vae, unet, encoder, make_sampler(scheduler_config, scheduler))
-        pipe.info, pipe.manifest = info, manifest
+        pipe.info, pipe.manifest, pipe.sampler_name = info, manifest, scheduler
         return pipe
 
     @classmethod
-    def from_parts(cls, vae_path, unet_path, condition_encoder_path, num_users, scheduler="dpmsolver", torch_dtype=None):
+    def from_parts(cls, vae_path, unet_path, condition_encoder_path, num_users, scheduler=DEFAULT_SAMPLER, torch_dtype=None):
         """The original project's three-path form. The label map comes from the manifest
         stored with the VAE; the sampling settings from the generator.json beside the UNet
         (a stage-2 final_model's unet/ folder)."""
@@ -117,12 +117,13 @@ class UserDiffusionPipeline(DiffusionPipeline):
         if torch_dtype is not None:
             vae = vae.to(torch_dtype)
         pipe = cls(vae, unet, encoder, make_sampler(scheduler_config, scheduler))
-        pipe.info, pipe.manifest = info, manifest
+        pipe.info, pipe.manifest, pipe.sampler_name = info, manifest, scheduler
         return pipe
 
     def use_scheduler(self, name):
         """Switch the sampler (a key of utils.sampling.SAMPLERS), keeping the trained schedule."""
         self.scheduler = make_sampler(self.scheduler.config, name)
+        self.sampler_name = name
         return self
 
     @torch.no_grad()
@@ -137,13 +138,12 @@ class UserDiffusionPipeline(DiffusionPipeline):
             seeds = torch.randint(0, 2**31 - 1, (len(names),), generator=generator).tolist()
         if len(seeds) != len(names):
             raise ValueError(f"{len(seeds)} seeds for {len(names)} images")
-        name = next(key for key, (cls, _) in SAMPLERS.items() if isinstance(self.scheduler, cls))
         device = self._execution_device
         indices = torch.tensor([self.manifest.label_map[n] for n in names], device=device)
         latents = sample_latents(
             self.unet, self.condition_encoder, self.scheduler, indices, seeds, self.info["latent_shape"],
             self.info["guidance_scale"] if guidance_scale is None else guidance_scale,
-            num_inference_steps or SAMPLERS[name][1], progress=self.progress_bar,
+            num_inference_steps or SAMPLERS[self.sampler_name][1], progress=self.progress_bar,
         )
         images = decode_latents(self.vae, latents, self.info["scaling_factor"])
         if output_type == "pil":
