@@ -52,6 +52,8 @@ def test_vae_trains_and_resumes_with_two_processes(two_process_vae):
     assert config["num_processes"] == 2 and config["effective_batch_size"] == 2 * config["batch_size"]
     assert logged_steps(two_process_vae) == [1, 2, 3, 4]  # one line per step: rank 0 alone logs
     assert sorted(p.name for p in (two_process_vae / "checkpoints").iterdir()) == ["checkpoint-000002", "checkpoint-000004"]
+    for checkpoint in (two_process_vae / "checkpoints").iterdir():  # both ranks' RNG states in every checkpoint
+        assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert (two_process_vae / "final_model/diffusion_pytorch_model.safetensors").is_file()
     assert not list(two_process_vae.rglob("*.partial*"))
 

@@ -128,6 +128,9 @@ def save_checkpoint(accelerator, output_dir, step, limit, state=None):
         partial.parent.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    # Every rank writes its own RNG state into the folder: rename only when all are done,
+    # or a late rank recreates `partial` beside the renamed checkpoint.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(partial / TRAINING_STATE, {"step": step, **(state or {})})
         shutil.rmtree(final, ignore_errors=True)
