@@ -23,7 +23,7 @@ from pathlib import Path
 if not __package__:  # run as `python benchmarks/run_benchmarks.py`: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.cli import RunFailed, UsageError, run
+from utils.cli import RunFailed, UsageError, resolve_device, run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,13 +83,9 @@ def markdown(info, rows):
 
 
 def main(args):
-    import torch
-
     if any(n is not None and n < 1 for n in (args.generation_images, args.goal_images)) or args.generation_batch < 1:
         raise UsageError("--generation_images, --goal_images and --generation_batch must be at least 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
-    gpu = args.device != "cpu" and torch.cuda.is_available()
+    gpu = resolve_device(args.device).type == "cuda"
     device = ["--device", "cuda" if gpu else "cpu"]
     precisions = args.precisions or (["fp16"] if gpu else ["no"])
     if not gpu and "fp16" in precisions:

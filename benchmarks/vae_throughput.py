@@ -23,7 +23,7 @@ if not __package__:  # run as `python benchmarks/vae_throughput.py`: make the re
 import torch
 
 from training import train_vae
-from benchmarks._memory import peak_memory_gb
+from benchmarks._memory import peak_memory_gb, reset_peak_memory
 from utils.cli import UsageError, run
 from utils.presets import PRESET_NAMES, resolve_preset
 from utils.training import make_accelerator
@@ -105,9 +105,7 @@ def main(args):
 
     for _ in range(args.warmup):
         train_step()
-    synchronize()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     started = time.perf_counter()
     for _ in range(args.steps):
         train_step()

@@ -39,10 +39,10 @@ import numpy as np
 import torch
 
 from utils import classifier as clf
-from utils.cli import UsageError, run
+from utils.cli import UsageError, resolve_device, run
 from utils.data_loader import MANIFEST_NAME, DatasetManifest, build_manifest, check_data_dir, is_image_file
 from utils.distribution import frechet_distance, memorisation, paired_interval, prdc
-from utils.files import atomic_folder
+from utils.files import atomic_folder, output_folder
 from utils.image_grid import labelled_grid
 from utils.presets import PRESET_NAMES, PRESETS
 
@@ -293,12 +293,8 @@ def main(args):
     data_dir = check_data_dir(args.data_dir)
     generated_dir = check_folder(args.generated_dir, "--generated_dir")
     compare_dirs = [check_folder(d, "--compare_dir") for d in args.compare_dir]
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not args.overwrite:
-        raise UsageError(f"--output_dir {output_dir} exists and is not empty: choose another folder or --overwrite")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    output_dir = output_folder(args.output_dir, args.overwrite)
+    device = resolve_device(args.device)
 
     record = generator_record(generated_dir)
     generator_manifest, generator_vae = generator_parts(record)
@@ -371,13 +367,14 @@ def main(args):
         log(f"vae: reconstructed test {pct(vae_report['reconstructed_test']['mean'])}, "
             f"generated {pct(vae_report['generated']['mean'])}")
 
+    # Features of the first reference classifier: the space the distances are measured in.
+    _, test_features = clf.predict(references[0], test[0])
     compare_report = {}
     for name, (images, labels) in compare.items():
         compare_report[name] = {
             "identity": mean_std([clf.accuracy(m, images, labels) for m in references]),
             "vae": mean_std([clf.accuracy(m, images, labels) for m in vae_models]) if vae_models else None,
-            "frechet_distance": frechet_distance(clf.predict(references[0], test[0])[1],
-                                                 clf.predict(references[0], images)[1]),
+            "frechet_distance": frechet_distance(test_features, clf.predict(references[0], images)[1]),
         }
         log(f"compare {name}: generated {pct(compare_report[name]['identity']['mean'])}")
 
@@ -404,7 +401,6 @@ def main(args):
             f"{100 * d['ci_high']:+.1f}]")
 
     # Distribution in the reference classifier's feature space; memorisation in pixels.
-    _, test_features = clf.predict(references[0], test[0])
     _, train_features = clf.predict(references[0], train[0])
     _, gen_features = clf.predict(references[0], gen_images)
     distribution = {"k": 5, "frechet_distance": frechet_distance(test_features, gen_features),

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from utils.cli import UsageError, run
+from utils.cli import UsageError, resolve_device, run
 from utils.files import atomic_folder
 from utils.image_grid import labelled_grid
 from utils.sampling import DEFAULT_SAMPLER, SAMPLERS
@@ -121,9 +121,7 @@ def main(args):
         raise UsageError("--min_confidence must be in [0, 1] and --max_tries_per_image at least 1")
     if args.batch_size < 1 or (args.num_inference_steps is not None and args.num_inference_steps < 1):
         raise UsageError("--batch_size and --num_inference_steps must be at least 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     if dtype is not None and device.type != "cuda":
         raise UsageError(f"--dtype {args.dtype} needs a GPU; use --dtype fp32 on the CPU")

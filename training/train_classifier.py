@@ -21,11 +21,10 @@ from pathlib import Path
 if not __package__:  # run as `python training/train_classifier.py`: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
 from utils import classifier as clf
-from utils.cli import UsageError, run
+from utils.cli import UsageError, resolve_device, run
 from utils.data_loader import DatasetManifest, build_manifest, check_data_dir
+from utils.files import output_folder
 from utils.presets import PRESET_NAMES, resolve_preset
 
 
@@ -64,12 +63,8 @@ def main(args):
     data_dir = check_data_dir(args.data_dir)
     manifest = DatasetManifest.load(args.manifest) if args.manifest else build_manifest(data_dir)
     manifest.check_users_match(data_dir)
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not args.overwrite:
-        raise UsageError(f"--output_dir {output_dir} exists and is not empty: choose another folder or --overwrite")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    output_dir = output_folder(args.output_dir, args.overwrite)
+    device = resolve_device(args.device)
     train_count = len(manifest.samples("train"))
     if args.num_epochs is not None and not explicit_steps:
         args.max_train_steps = args.num_epochs * math.ceil(train_count / args.batch_size)

@@ -10,6 +10,15 @@ import os
 import sys
 
 
+def resolve_device(choice):
+    """The torch.device for --device auto|cpu|cuda; cuda without a visible GPU is a usage error."""
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
+
+
 class UsageError(Exception):
     """Input the user can fix: reported as one line on stderr, exit code 2."""
 

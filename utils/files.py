@@ -5,6 +5,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from utils.cli import UsageError
+
 
 @contextmanager
 def atomic_path(path):
@@ -41,3 +43,11 @@ def atomic_folder(path):
         tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def output_folder(path, overwrite, flag="--output_dir"):
+    """`path` as a Path, refusing an existing file or non-empty folder unless `overwrite`."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise UsageError(f"{flag} {path} exists and is not empty: choose another folder or --overwrite")
+    return path
