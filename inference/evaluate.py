@@ -100,6 +100,14 @@ def generator_parts(record):
     return manifest, vae
 
 
+def first_image_width(folder):
+    from PIL import Image
+
+    first = next(f for d in sorted(Path(folder).iterdir()) if d.is_dir() for f in sorted(d.iterdir()) if is_image_file(f))
+    with Image.open(first) as image:
+        return image.width
+
+
 def check_folder(path, flag):
     path = Path(path)
     if not path.is_dir():
@@ -230,7 +238,8 @@ def write_markdown(report, path):
         "# Evaluation of generated spectrograms", "",
         f"Dataset `{r['data_dir']}`: {r['num_users']} users; real test split {r['counts']['test']} images, "
         f"train {r['counts']['train']}, val {r['counts']['val']}. Generated `{r['generated_dir']}`: "
-        f"{r['counts']['generated']} images at {r['resolution']}x{r['resolution']}. Preset `{r['preset']}`; "
+        f"{r['counts']['generated']} images at {r['resolution']}x{r['resolution']}, seen by the classifiers at "
+        f"{r['classifier_resolution']}x{r['classifier_resolution']}. Preset `{r['preset']}`; "
         f"mean ± standard deviation over classifier seeds. {r['seconds']:.0f} s.", "",
         "## Identity: does a generated image show the user it was made for?", "",
         "| classifier trained on | seeds | its accuracy on real test | on VAE reconstructions of test | on generated |",
@@ -298,40 +307,43 @@ def main(args):
 
     record = generator_record(generated_dir)
     generator_manifest, generator_vae = generator_parts(record)
+    resolution = record.get("resolved", {}).get("resolution") or first_image_width(generated_dir)
     reference = None
     if args.classifier_path:
-        model, manifest, resolution = clf.load_classifier(args.classifier_path)
+        model, manifest, classifier_resolution = clf.load_classifier(args.classifier_path)
         reference = model.to(device)
     else:
         manifest_path = args.manifest or generator_manifest
         manifest = DatasetManifest.load(manifest_path) if manifest_path else build_manifest(data_dir)
-        resolution = record.get("resolved", {}).get("resolution")
-        if resolution is None:
-            first = next(f for d in sorted(generated_dir.iterdir()) if d.is_dir() for f in sorted(d.iterdir())
-                         if is_image_file(f))
-            from PIL import Image
-
-            with Image.open(first) as image:
-                resolution = image.width
+        classifier_resolution = settings["resolution"]
     manifest.check_users_match(data_dir)
     users, num_users = manifest.users, manifest.num_users
 
     def log(message):
         print(f"[evaluate {time.perf_counter() - started:6.0f}s] {message}", flush=True)
 
-    log(f"loading images at {resolution}x{resolution}")
+    # Every image is loaded at the generated images' resolution (the VAE's, pixel-space
+    # memorisation and the grids work there); the classifiers see the same arrays resized
+    # to their own resolution, real and generated alike.
+    log(f"loading images at {resolution}x{resolution} (classifiers at {classifier_resolution}x{classifier_resolution})")
     train, val, test = (clf.load_split(data_dir, manifest, s, resolution) for s in ("train", "val", "test"))
     gen_images, gen_labels, gen_paths = clf.load_image_folder(generated_dir, manifest, resolution)
-    compare = {str(d): clf.load_image_folder(d, manifest, resolution, "--compare_dir")[:2] for d in compare_dirs}
+    compare = {str(d): clf.load_image_folder(d, manifest, classifier_resolution, "--compare_dir")[:2]
+               for d in compare_dirs}
 
-    def fit(data, seed, desc):
-        return clf.train_classifier(data, val, users, settings, seed, device, desc=desc)[0]
+    def for_classifier(images, labels):
+        return clf.resize(images, classifier_resolution), labels
+
+    c_train, c_val, c_test, c_gen = (for_classifier(*pair) for pair in (train, val, test, (gen_images, gen_labels)))
+
+    def fit(data, seed, desc, val_set=c_val):
+        return clf.train_classifier(data, val_set, users, settings, seed, device, desc=desc)[0]
 
     # Identity with classifiers trained on real train.
     references = [reference] if reference is not None else [
-        fit(train, seed, f"real-train classifier, seed {seed}") for seed in range(num_seeds)]
-    scores = [identity_scores(m, gen_images, gen_labels, num_users) for m in references]
-    real_scores = [identity_scores(m, *test, num_users) for m in references]
+        fit(c_train, seed, f"real-train classifier, seed {seed}") for seed in range(num_seeds)]
+    scores = [identity_scores(m, *c_gen, num_users) for m in references]
+    real_scores = [identity_scores(m, *c_test, num_users) for m in references]
     identity = {
         "real_test": mean_std([s["accuracy"] for s in real_scores]),
         "generated": mean_std([s["accuracy"] for s in scores]),
@@ -354,21 +366,21 @@ def main(args):
             raise UsageError(f"the VAE {vae_path} works at {vae.config.sample_size}x{vae.config.sample_size}, the "
                              f"generated images are {resolution}x{resolution}")
         log("reconstructing train, val and test through the VAE")
-        recon_train, recon_val, recon_test = ((reconstruct_images(vae, x, device), y) for x, y in (train, val, test))
-        vae_models = [clf.train_classifier(recon_train, recon_val, users, settings, seed, device,
-                                           desc=f"VAE-reconstruction classifier, seed {seed}")[0]
+        recon_train, recon_val, recon_test = (for_classifier(reconstruct_images(vae, x, device), y)
+                                              for x, y in (train, val, test))
+        vae_models = [fit(recon_train, seed, f"VAE-reconstruction classifier, seed {seed}", val_set=recon_val)
                       for seed in range(num_seeds)]
         vae_report = {
             "vae_path": str(vae_path),
-            "real_test": mean_std([clf.accuracy(m, *test) for m in vae_models]),
+            "real_test": mean_std([clf.accuracy(m, *c_test) for m in vae_models]),
             "reconstructed_test": mean_std([clf.accuracy(m, *recon_test) for m in vae_models]),
-            "generated": mean_std([clf.accuracy(m, gen_images, gen_labels) for m in vae_models]),
+            "generated": mean_std([clf.accuracy(m, *c_gen) for m in vae_models]),
         }
         log(f"vae: reconstructed test {pct(vae_report['reconstructed_test']['mean'])}, "
             f"generated {pct(vae_report['generated']['mean'])}")
 
     # Features of the first reference classifier: the space the distances are measured in.
-    _, test_features = clf.predict(references[0], test[0])
+    _, test_features = clf.predict(references[0], c_test[0])
     compare_report = {}
     for name, (images, labels) in compare.items():
         compare_report[name] = {
@@ -379,9 +391,9 @@ def main(args):
         log(f"compare {name}: generated {pct(compare_report[name]['identity']['mean'])}")
 
     # Train on synthetic, test on real.
-    tstr_models = [fit((gen_images, gen_labels), seed, f"generated-only classifier, seed {seed}")
+    tstr_models = [fit(c_gen, seed, f"generated-only classifier, seed {seed}")
                    for seed in range(num_seeds)]
-    tstr = {"real_test": mean_std([clf.accuracy(m, *test) for m in tstr_models])}
+    tstr = {"real_test": mean_std([clf.accuracy(m, *c_test) for m in tstr_models])}
     log(f"tstr: real test {pct(tstr['real_test']['mean'])}")
 
     # Augmentation gain, paired by seed: same real subset and same initialisation.
@@ -389,11 +401,12 @@ def main(args):
     for budget in budgets:
         real_acc, augmented_acc = [], []
         for seed in range(gain_seeds):
-            index = budget_subset(train[1], budget, seed)
-            subset = (train[0][index], train[1][index])
-            mixed = (torch.cat([subset[0], gen_images]), torch.cat([subset[1], gen_labels]))
-            real_acc.append(clf.accuracy(fit(subset, 1000 + seed, f"budget {budget}, real, seed {seed}"), *test))
-            augmented_acc.append(clf.accuracy(fit(mixed, 1000 + seed, f"budget {budget}, augmented, seed {seed}"), *test))
+            index = budget_subset(c_train[1], budget, seed)
+            subset = (c_train[0][index], c_train[1][index])
+            mixed = (torch.cat([subset[0], c_gen[0]]), torch.cat([subset[1], c_gen[1]]))
+            real_acc.append(clf.accuracy(fit(subset, 1000 + seed, f"budget {budget}, real, seed {seed}"), *c_test))
+            augmented_acc.append(clf.accuracy(fit(mixed, 1000 + seed, f"budget {budget}, augmented, seed {seed}"),
+                                              *c_test))
         gain[budget] = {"real": real_acc, "augmented": augmented_acc,
                         "difference": paired_interval(np.subtract(augmented_acc, real_acc))}
         d = gain[budget]["difference"]
@@ -401,8 +414,8 @@ def main(args):
             f"{100 * d['ci_high']:+.1f}]")
 
     # Distribution in the reference classifier's feature space; memorisation in pixels.
-    _, train_features = clf.predict(references[0], train[0])
-    _, gen_features = clf.predict(references[0], gen_images)
+    _, train_features = clf.predict(references[0], c_train[0])
+    _, gen_features = clf.predict(references[0], c_gen[0])
     distribution = {"k": 5, "frechet_distance": frechet_distance(test_features, gen_features),
                     "frechet_distance_real_train_vs_test": frechet_distance(train_features, test_features),
                     **prdc(test_features, gen_features, k=5)}
@@ -416,7 +429,8 @@ def main(args):
 
     report = {
         "data_dir": str(data_dir), "generated_dir": str(generated_dir), "preset": args.preset,
-        "resolution": resolution, "num_users": num_users, "users": users, "classifier": settings,
+        "resolution": resolution, "classifier_resolution": classifier_resolution, "num_users": num_users,
+        "users": users, "classifier": settings,
         "classifier_path": args.classifier_path, "budgets": budgets, "num_seeds": len(references),
         "gain_seeds": gain_seeds, "generator": record.get("resolved", {}),
         "counts": {"train": len(train[1]), "val": len(val[1]), "test": len(test[1]), "generated": len(gen_labels)},
@@ -439,7 +453,8 @@ def main(args):
         write_markdown(report, partial / "report.md")
         if reference is None:
             clf.save_classifier(references[0], partial / "classifier", manifest,
-                                {"resolution": resolution, "seed": 0, "settings": settings, "data_dir": str(data_dir),
+                                {"resolution": classifier_resolution, "seed": 0, "settings": settings,
+                                 "data_dir": str(data_dir),
                                  "real_test_accuracy": real_scores[0]["accuracy"]})
     log(f"wrote {output_dir}/report.md: generated {pct(identity['generated']['mean'])} vs real "
         f"{pct(identity['real_test']['mean'])} ({pct(identity['ratio'])} of it)")

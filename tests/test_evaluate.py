@@ -3,10 +3,11 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import run_cli
-from utils.classifier import load_classifier
+from utils.classifier import load_classifier, resize
 
 CPU = ["--device", "cpu"]
 
@@ -30,6 +31,15 @@ def evaluation(tiny_generator, generated, tmp_path_factory):
     return out
 
 
+def test_resize_keeps_flat_colours_and_skips_the_same_size():
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    images[0, 0], images[1, 2] = 200, 17
+    small = resize(images, 4)
+    assert small.shape == (2, 3, 4, 4) and small.dtype == torch.uint8
+    assert (small[0, 0] == 200).all() and (small[1, 2] == 17).all() and small[0, 1:].sum() == 0
+    assert resize(images, 8) is images and resize(images[:0], 4).shape == (0, 3, 4, 4)
+
+
 def test_train_classifier_writes_a_reloadable_folder(tiny_generator, tmp_path):
     out = tmp_path / "classifier"
     result = run_cli("training/train_classifier.py", "--data_dir", tiny_generator / "data", "--output_dir", out,
@@ -37,7 +47,7 @@ def test_train_classifier_writes_a_reloadable_folder(tiny_generator, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout
     model, manifest, resolution = load_classifier(out)
-    assert manifest.users == ["ID_1", "ID_2", "ID_3"] and resolution == 32
+    assert manifest.users == ["ID_1", "ID_2", "ID_3"] and resolution == 16  # the tiny preset's
     assert model.config.id2label == {0: "ID_1", 1: "ID_2", 2: "ID_3"}
     info = json.loads((out / "training.json").read_text())
     assert info["counts"] == {"train": 21, "val": 3, "test": 6} and 0 <= info["test_accuracy"] <= 1
@@ -50,6 +60,9 @@ def test_report_has_every_section_and_plot(evaluation, generated):
     for key in ("identity", "vae", "compare", "tstr", "gain", "distribution", "memorisation"):
         assert key in report, key
     assert report["counts"] == {"train": 21, "val": 3, "test": 6, "generated": 9}
+    # Images are read at the generator's 32x32; the tiny classifiers work at 16x16.
+    assert report["resolution"] == 32 and report["classifier_resolution"] == 16
+    assert load_classifier(evaluation / "classifier")[2] == 16
     assert len(report["identity"]["per_user_generated"]) == 3 and len(report["identity"]["confusion_generated_seed0"]) == 3
     assert sum(map(sum, report["identity"]["confusion_generated_seed0"])) == 9
     assert list(report["gain"]) == ["2", "all"] and report["gain"]["2"]["difference"]["n"] == 2

@@ -6,8 +6,10 @@ transformers (config.json with the label map as id2label, model.safetensors) plu
 dataset manifest whose split it was trained on.
 
 Real and generated images go through one path: `load_image_folder` / `load_split`
-decode, convert to RGB and resize to the classifier's resolution, kept as uint8 in
-memory; `to_model_input` maps them to [-1, 1] exactly as the diffusion stages see them.
+decode, convert to RGB and resize (PIL bicubic, antialiased), kept as uint8 in memory;
+`resize` brings such arrays to the classifier's resolution with the same filter (the
+evaluation loads everything at the generated images' resolution first); `to_model_input`
+maps them to [-1, 1] exactly as the diffusion stages see them.
 """
 
 import copy
@@ -40,6 +42,18 @@ def pil_to_array(image, resolution):
     if image.size != (resolution, resolution):
         image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def resize(images_uint8, resolution):
+    """(N, 3, R, R) uint8 images at another side length, through the same PIL resize."""
+    from PIL import Image
+
+    if images_uint8.shape[-1] == resolution:
+        return images_uint8
+    if len(images_uint8) == 0:
+        return torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
+    return torch.stack([pil_to_array(Image.fromarray(image.permute(1, 2, 0).numpy()), resolution)
+                        for image in images_uint8])
 
 
 def to_model_input(images_uint8):
