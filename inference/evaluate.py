@@ -146,17 +146,6 @@ def mean_std(values):
             "values": values.tolist()}
 
 
-def reconstruct_images(vae, images_uint8, device, batch_size=32):
-    from utils.vae import reconstruct
-
-    vae = vae.to(device)
-    out = []
-    for start in range(0, len(images_uint8), batch_size):
-        x = clf.to_model_input(images_uint8[start:start + batch_size]).to(device)
-        out.append(((reconstruct(vae, x).float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(out)
-
-
 def to_pil_images(images_uint8):
     from PIL import Image
 
@@ -246,15 +235,19 @@ def write_markdown(report, path):
         "|---|---|---|---|---|",
     ]
     identity = r["identity"]
-    lines.append(f"| real train | {len(identity['real_test']['values'])} | {spread(identity['real_test'])} | – | "
-                 f"{spread(identity['generated'])} |")
-    if r.get("vae"):
-        v = r["vae"]
+    v = r.get("vae")
+    on_reconstructions = spread(v["real_train_classifiers_on_reconstructed_test"]) if v else "–"
+    lines.append(f"| real train | {len(identity['real_test']['values'])} | {spread(identity['real_test'])} | "
+                 f"{on_reconstructions} | {spread(identity['generated'])} |")
+    if v:
         lines.append(f"| VAE reconstructions of train | {len(v['generated']['values'])} | {spread(v['real_test'])} | "
                      f"{spread(v['reconstructed_test'])} | {spread(v['generated'])} |")
     lines += ["", f"Generated accuracy relative to real test accuracy: **{pct(identity['ratio'])}** "
               "(reference classifiers). With the VAE classifier the gap between reconstructed test and generated "
               "is what the diffusion model loses; the gap between real and reconstructed is the VAE's share.", ""]
+    if v:
+        lines += [f"Identity kept through the VAE: the real-train classifiers keep **{pct(v['identity_kept'])}** "
+                  "of their real-test accuracy on VAE reconstructions of the test images.", ""]
     if r["compare"]:
         lines += ["| generated folder | on generated (real-train classifiers) | on generated (VAE classifiers) | "
                   "Frechet distance |", "|---|---|---|---|"]
@@ -359,25 +352,31 @@ def main(args):
     vae_report, vae_models = None, []
     vae_path = args.vae_path or generator_vae
     if vae_path:
-        from utils.vae import load_vae
+        from utils.vae import load_vae, reconstruct_uint8
 
         vae = load_vae(vae_path)
         if vae.config.sample_size != resolution:
             raise UsageError(f"the VAE {vae_path} works at {vae.config.sample_size}x{vae.config.sample_size}, the "
                              f"generated images are {resolution}x{resolution}")
         log("reconstructing train, val and test through the VAE")
-        recon_train, recon_val, recon_test = (for_classifier(reconstruct_images(vae, x, device), y)
+        recon_train, recon_val, recon_test = (for_classifier(reconstruct_uint8(vae, x, device), y)
                                               for x, y in (train, val, test))
         vae_models = [fit(recon_train, seed, f"VAE-reconstruction classifier, seed {seed}", val_set=recon_val)
                       for seed in range(num_seeds)]
+        # The stage-1 question: do the real-train classifiers still recognise people in
+        # reconstructions of the test images? (the share of their accuracy kept)
+        on_reconstructions = mean_std([clf.accuracy(m, *recon_test) for m in references])
         vae_report = {
             "vae_path": str(vae_path),
+            "real_train_classifiers_on_reconstructed_test": on_reconstructions,
+            "identity_kept": on_reconstructions["mean"] / real_mean if real_mean > 0 else float("nan"),
             "real_test": mean_std([clf.accuracy(m, *c_test) for m in vae_models]),
             "reconstructed_test": mean_std([clf.accuracy(m, *recon_test) for m in vae_models]),
             "generated": mean_std([clf.accuracy(m, *c_gen) for m in vae_models]),
         }
-        log(f"vae: reconstructed test {pct(vae_report['reconstructed_test']['mean'])}, "
-            f"generated {pct(vae_report['generated']['mean'])}")
+        log(f"vae: real-train classifiers on reconstructed test {pct(on_reconstructions['mean'])} "
+            f"({pct(vae_report['identity_kept'])} of real test); reconstruction classifiers: reconstructed test "
+            f"{pct(vae_report['reconstructed_test']['mean'])}, generated {pct(vae_report['generated']['mean'])}")
 
     # Features of the first reference classifier: the space the distances are measured in.
     _, test_features = clf.predict(references[0], c_test[0])

@@ -1,6 +1,7 @@
 """train_classifier.py, evaluate.py and classifier-filtered generation, as users run them, on tiny models."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -68,6 +69,9 @@ def test_report_has_every_section_and_plot(evaluation, generated):
     assert list(report["gain"]) == ["2", "all"] and report["gain"]["2"]["difference"]["n"] == 2
     assert set(report["distribution"]) >= {"frechet_distance", "precision", "recall", "density", "coverage"}
     assert 0 <= report["memorisation"]["share"] <= 1
+    vae = report["vae"]  # the generator's VAE, found through the generated folder's manifest
+    real, kept = report["identity"]["real_test"]["mean"], vae["real_train_classifiers_on_reconstructed_test"]["mean"]
+    assert vae["identity_kept"] == kept / real if real > 0 else math.isnan(vae["identity_kept"])
     # --compare_dir with the evaluated folder itself: the same classifiers give the same accuracy.
     assert report["compare"][str(generated)]["identity"]["mean"] == report["identity"]["generated"]["mean"]
     markdown = (evaluation / "report.md").read_text()

@@ -20,6 +20,7 @@ def test_tiny_pipeline_runs_every_stage_then_skips_what_is_complete(tmp_path):
         assert heading in report
     for picture in ("vae_check/vae_check.png", "generated/grid.png", "evaluation/augmentation_gain.png"):
         assert f"]({picture})" in report and (out / picture).is_file()
+    assert "of the identity survives the VAE" in report
     assert "[stage 6/6 evaluate] done in" in first.stdout
 
     # A lost evaluation is redone alone; everything before it is skipped.

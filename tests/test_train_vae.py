@@ -127,6 +127,15 @@ def test_adversarial_weight_is_adaptive_and_leaves_the_discriminator_alone():
     assert all(p.grad is None and p.requires_grad for p in discriminator.parameters())
 
 
+@pytest.mark.parametrize("has_bf16_units, expected", [(True, "bf16"), (False, "no")])
+def test_auto_precision_on_a_cpu_uses_bf16_only_where_it_is_native(monkeypatch, has_bf16_units, expected):
+    from utils import training
+
+    monkeypatch.setattr(training, "cpu_computes_bf16", lambda: has_bf16_units)
+    assert training.resolve_precision("auto", cpu=True) == expected
+    assert [training.resolve_precision(c, cpu=True) for c in ("no", "bf16", "fp16")] == ["no", "bf16", "fp16"]
+
+
 def test_existing_run_needs_resume_flag(tiny_data, tmp_path):
     assert train(tiny_data, tmp_path / "run").returncode == 0
     again = train(tiny_data, tmp_path / "run")

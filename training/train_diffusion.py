@@ -313,7 +313,8 @@ def parse_args(argv=None):
     opt.add_argument("--weight_decay", type=float)
     opt.add_argument("--max_grad_norm", type=float, help="gradient clipping norm")
     opt.add_argument("--gradient_accumulation_steps", type=int)
-    opt.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
+    opt.add_argument("--mixed_precision", choices=["no", "fp16", "bf16", "auto"],
+                     help="auto: bf16 where the CPU or GPU computes it natively, else fp16 on a GPU, no on a CPU")
     opt.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None, help="keep an EMA of the weights")
     opt.add_argument("--ema_decay", type=float, help="EMA decay ceiling (with warmup: 1 - (1 + step)^-2/3 until then)")
     opt.add_argument("--use_augmentation", action="store_true", help="random circular time shifts of the latents")

@@ -320,7 +320,8 @@ def parse_args(argv=None):
     opt.add_argument("--weight_decay", type=float)
     opt.add_argument("--max_grad_norm", type=float, help="gradient clipping norm")
     opt.add_argument("--gradient_accumulation_steps", type=int)
-    opt.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
+    opt.add_argument("--mixed_precision", choices=["no", "fp16", "bf16", "auto"],
+                     help="auto: bf16 where the CPU or GPU computes it natively, else fp16 on a GPU, no on a CPU")
     opt.add_argument("--use_augmentation", action="store_true", help="random circular time shifts (never Doppler flips)")
     opt.add_argument("--num_workers", type=int, default=0, help="data loading processes")
     run_group = p.add_argument_group("run folder")

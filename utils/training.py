@@ -28,13 +28,33 @@ CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)$")
 TRAINING_STATE = "training_state.json"
 
 
+def cpu_computes_bf16():
+    """Whether this CPU has bfloat16 units (AVX512-BF16 or AMX), where bf16 autocast is
+    faster than fp32; elsewhere it is emulated and slower. (torch.cpu's probes are private,
+    hence the fallback.)"""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def resolve_precision(choice, cpu):
+    """--mixed_precision auto: bf16 where the hardware computes it natively, otherwise fp16
+    on a GPU and full precision on a CPU. Other choices pass through."""
+    if choice != "auto":
+        return choice
+    if cpu:
+        return "bf16" if cpu_computes_bf16() else "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def make_accelerator(args, project_dir):
-    """An Accelerator for --device auto|cpu|cuda and --mixed_precision."""
+    """An Accelerator for --device auto|cpu|cuda and --mixed_precision (`auto` is resolved
+    here, in args, so the banner and config.json show what ran)."""
     from accelerate import Accelerator
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
     cpu = args.device == "cpu" or not torch.cuda.is_available()
+    args.mixed_precision = resolve_precision(args.mixed_precision, cpu)
     if cpu and args.mixed_precision == "fp16":
         raise UsageError("--mixed_precision fp16 needs a GPU; use no or bf16 on the CPU")
     log_with = None if args.report_to == "none" else args.report_to

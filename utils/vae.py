@@ -42,3 +42,13 @@ def load_vae_manifest(vae_path, flag="--vae_path"):
 def reconstruct(vae, pixel_values):
     """Reconstruction through the posterior mode (deterministic), as evaluation uses."""
     return vae.decode(vae.encode(pixel_values).latent_dist.mode()).sample.clamp(-1, 1)
+
+
+def reconstruct_uint8(vae, images_uint8, device, batch_size=64):
+    """Reconstructions of (N, 3, R, R) uint8 images as uint8, in batches on `device`."""
+    vae = vae.to(device)
+    out = []
+    for start in range(0, len(images_uint8), batch_size):
+        x = images_uint8[start:start + batch_size].float().to(device) / 127.5 - 1.0
+        out.append(((reconstruct(vae, x).float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out) if out else images_uint8.clone()
