@@ -192,7 +192,7 @@ def main(args):
         print(f"{head} done in {minutes(seconds)} (total {minutes(time.perf_counter() - started)})", flush=True)
         done.append({"name": name, "seconds": seconds, "skipped": False, "command": command})
     record = {
-        "command": "python run_pipeline.py " + " ".join(sys.argv[1:]), "preset": args.preset,
+        "command": " ".join(["python run_pipeline.py", *sys.argv[1:]]), "preset": args.preset,
         "data_dir": str(data_dir), "machine": machine(), "stages": done, "seconds": time.perf_counter() - started,
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }

@@ -62,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--num_seeds", type=int, help="classifier seeds for identity, vae and tstr (preset)")
     p.add_argument("--gain_seeds", type=int, help="paired seeds for the augmentation gain (preset)")
     p.add_argument("--max_train_steps", type=int, help="classifier training steps (preset)")
+    p.add_argument("--classifier_resolution", type=int, help="side the classifiers see, images resized to it (preset)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     return p.parse_args(argv)
@@ -70,8 +71,9 @@ def parse_args(argv=None):
 def resolve_settings(args):
     settings = dict(PRESETS[args.preset]["classifier"])
     evaluation = PRESETS[args.preset]["evaluation"]
-    if args.max_train_steps is not None:
-        settings["max_train_steps"] = args.max_train_steps
+    for name, flag in (("max_train_steps", "max_train_steps"), ("resolution", "classifier_resolution")):
+        if getattr(args, flag) is not None:
+            settings[name] = getattr(args, flag)
     budgets = args.budgets or [str(b) for b in evaluation["budgets"]]
     for budget in budgets:
         if budget != "all" and not (budget.isdigit() and int(budget) >= 1):
@@ -80,6 +82,8 @@ def resolve_settings(args):
     gain_seeds = args.gain_seeds if args.gain_seeds is not None else evaluation["gain_seeds"]
     if num_seeds < 1 or gain_seeds < 1 or settings["max_train_steps"] < 1:
         raise UsageError("--num_seeds, --gain_seeds and --max_train_steps must be at least 1")
+    if settings["resolution"] < 8:
+        raise UsageError(f"--classifier_resolution must be at least 8, got {settings['resolution']}")
     return settings, budgets, num_seeds, gain_seeds
 
 
@@ -199,9 +203,9 @@ def plot_gain(gain, path):
         axes[0].errorbar(x, means, yerr=stds, marker="o", capsize=3, label=label)
     axes[0].set_ylabel("real test accuracy")
     axes[0].legend()
-    means = [gain[b]["difference"]["mean"] for b in budgets]
-    low = [gain[b]["difference"]["mean"] - gain[b]["difference"]["ci_low"] for b in budgets]
-    high = [gain[b]["difference"]["ci_high"] - gain[b]["difference"]["mean"] for b in budgets]
+    means = [100 * gain[b]["difference"]["mean"] for b in budgets]  # points of accuracy
+    low = [100 * (gain[b]["difference"]["mean"] - gain[b]["difference"]["ci_low"]) for b in budgets]
+    high = [100 * (gain[b]["difference"]["ci_high"] - gain[b]["difference"]["mean"]) for b in budgets]
     axes[1].errorbar(x, means, yerr=[np.nan_to_num(low), np.nan_to_num(high)], marker="o", capsize=3, color="C2")
     axes[1].axhline(0, color="gray", lw=0.8)
     axes[1].set_ylabel("gain (points of accuracy, 95% CI)")
@@ -303,6 +307,9 @@ def main(args):
     resolution = record.get("resolved", {}).get("resolution") or first_image_width(generated_dir)
     reference = None
     if args.classifier_path:
+        if args.classifier_resolution is not None:
+            raise UsageError("--classifier_resolution and --classifier_path: a given classifier works at the resolution "
+                             "it was trained at; drop one of them")
         model, manifest, classifier_resolution = clf.load_classifier(args.classifier_path)
         reference = model.to(device)
     else:

@@ -93,6 +93,16 @@ def test_a_given_classifier_is_reused(tiny_generator, generated, evaluation, tmp
     assert second["identity"]["generated"]["values"][0] == first["identity"]["generated"]["values"][0]
 
 
+def test_classifier_resolution_flag_overrides_the_preset(tiny_generator, generated, tmp_path):
+    out = tmp_path / "at24"
+    result = run_cli("inference/evaluate.py", "--data_dir", tiny_generator / "data", "--generated_dir", generated,
+                     "--output_dir", out, "--preset", "tiny", "--classifier_resolution", 24, "--budgets", 2,
+                     "--gain_seeds", 1, *CPU)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "report.json").read_text())["classifier_resolution"] == 24
+    assert load_classifier(out / "classifier")[2] == 24
+
+
 def test_classifier_filter_keeps_only_confident_images(tiny_generator, evaluation, tmp_path):
     model = tiny_generator / "diffusion/final_model"
     common = ["inference/generate.py", "--model_path", model, "--num_images_per_user", 2, "--num_inference_steps", 2,
@@ -114,7 +124,7 @@ def test_classifier_filter_keeps_only_confident_images(tiny_generator, evaluatio
     assert impossible.returncode == 0 and "fewer images than asked" in impossible.stderr
 
 
-@pytest.mark.parametrize("case", ["unknown_user", "empty", "budget", "not_empty", "filter_users"])
+@pytest.mark.parametrize("case", ["unknown_user", "empty", "budget", "not_empty", "filter_users", "resolution"])
 def test_bad_input_exits_2(tiny_generator, generated, evaluation, tmp_path, case):
     out = tmp_path / "report"
     generated_dir, extra, expected = generated, [], ""
@@ -128,6 +138,9 @@ def test_bad_input_exits_2(tiny_generator, generated, evaluation, tmp_path, case
         expected = "holds no images"
     elif case == "budget":
         extra, expected = ["--budgets", "0"], "--budgets"
+    elif case == "resolution":
+        extra = ["--classifier_path", evaluation / "classifier", "--classifier_resolution", 24]
+        expected = "--classifier_resolution and --classifier_path"
     elif case == "not_empty":
         out.mkdir()
         (out / "mine.txt").write_text("keep")
