@@ -328,11 +328,12 @@ def main(args):
     log(f"loading images at {resolution}x{resolution} (classifiers at {classifier_resolution}x{classifier_resolution})")
     train, val, test = (clf.load_split(data_dir, manifest, s, resolution) for s in ("train", "val", "test"))
     gen_images, gen_labels, gen_paths = clf.load_image_folder(generated_dir, manifest, resolution)
-    compare = {str(d): clf.load_image_folder(d, manifest, classifier_resolution, "--compare_dir")[:2]
-               for d in compare_dirs}
 
     def for_classifier(images, labels):
         return clf.resize(images, classifier_resolution), labels
+
+    compare = {str(d): for_classifier(*clf.load_image_folder(d, manifest, resolution, "--compare_dir")[:2])
+               for d in compare_dirs}
 
     c_train, c_val, c_test, c_gen = (for_classifier(*pair) for pair in (train, val, test, (gen_images, gen_labels)))
 

@@ -60,7 +60,7 @@ PRESETS = {
             resolution=32, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1), batch_size=64, learning_rate=2e-3,
             weight_decay=5e-4, max_train_steps=500, eval_every=50, patience=4,
         ),
-        # 3 + 3 + 3 + 2 x 5 classifiers of ~30 s on the 2-core CPU: about 11 minutes with the pipeline's images.
+        # 3 + 3 + 3 + 2 x 5 classifiers of ~30 s on the 2-core CPU: 9 min 23 s in run_pipeline.py (20 images/user).
         "evaluation": dict(budgets=(10,), num_seeds=3, gain_seeds=5),
         "pipeline": dict(num_users=31, images_per_user=150, resolution=256, images_to_generate=20, min_psnr=20.0),
     },
