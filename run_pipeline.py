@@ -73,7 +73,7 @@ def stages(args, out, data_dir):
         ("generate", out / "generated/manifest.json", out / "generated", python + [
             "inference/generate.py", "--model_path", diffusion_model, "--user_ids", "all", "--num_images_per_user",
             args.images_to_generate or settings["images_to_generate"], "--output_dir", out / "generated",
-            "--batch_size", 64, "--grid", "--overwrite", *device]),
+            "--batch_size", 64, "--dtype", "auto", "--grid", "--overwrite", *device]),
         ("evaluate", out / "evaluation/report.json", out / "evaluation", python + [
             "inference/evaluate.py", "--data_dir", data_dir, "--generated_dir", out / "generated",
             "--output_dir", out / "evaluation", *preset, *device, "--overwrite"]),

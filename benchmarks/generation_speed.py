@@ -24,7 +24,7 @@ import torch
 from benchmarks._memory import peak_memory_gb, reset_peak_memory
 from utils.cli import UsageError, run
 from utils.presets import PRESET_NAMES
-from utils.sampling import SAMPLERS
+from utils.sampling import DTYPES, SAMPLERS, inference_dtype
 
 
 def parse_args(argv=None):
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--guidance_scale", type=float, default=3.0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="as in generate.py")
     p.add_argument("--out", help="also write the numbers as JSON here")
     return p.parse_args(argv)
 
@@ -77,23 +77,20 @@ def main(args):
     if args.num_images < 1 or args.batch_size < 1:
         raise UsageError("--num_images and --batch_size must be at least 1")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    if dtype is not None and device.type != "cuda":
-        raise UsageError(f"--dtype {args.dtype} needs a GPU")
+    dtype = inference_dtype(args.dtype, device)
     if args.model_path:
         from utils.pipeline import UserDiffusionPipeline
 
         pipe = UserDiffusionPipeline.from_pretrained(args.model_path, torch_dtype=dtype)
     else:
         pipe = random_pipeline(args)
-        if dtype is not None:
-            pipe.to(dtype=dtype)
+        pipe.to(dtype=dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     users = pipe.manifest.users
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"generation on {name}, {pipe.info['resolution']}x{pipe.info['resolution']}, "
-          f"latents {'x'.join(map(str, pipe.info['latent_shape']))}, guidance {args.guidance_scale}, batch {args.batch_size}, {args.dtype}")
+          f"latents {'x'.join(map(str, pipe.info['latent_shape']))}, guidance {args.guidance_scale}, batch {args.batch_size}, {dtype}")
     results = []
     for scheduler in args.schedulers:
         pipe.use_scheduler(scheduler)
@@ -114,7 +111,7 @@ def main(args):
         print(f"  {scheduler:>9} {steps:4d} steps: {args.num_images / seconds:8.3f} images/s ({seconds:.1f} s for {args.num_images})")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": name, "resolution": pipe.info["resolution"],
-                                              "dtype": args.dtype, "batch_size": args.batch_size, "results": results}, indent=2))
+                                              "dtype": str(dtype), "batch_size": args.batch_size, "results": results}, indent=2))
     return 0
 
 

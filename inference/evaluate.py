@@ -45,6 +45,7 @@ from utils.distribution import frechet_distance, memorisation, paired_interval, 
 from utils.files import atomic_folder, output_folder
 from utils.image_grid import labelled_grid
 from utils.presets import PRESET_NAMES, PRESETS
+from utils.sampling import DTYPES, inference_dtype
 
 
 def parse_args(argv=None):
@@ -64,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--max_train_steps", type=int, help="classifier training steps (preset)")
     p.add_argument("--classifier_resolution", type=int, help="side the classifiers see, images resized to it (preset)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="the VAE's weights for the reconstructions: auto = bf16 where the device computes it natively "
+                        "(2x faster on such a CPU, PSNR within 0.01 dB of fp32), else fp32")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     return p.parse_args(argv)
 
@@ -337,12 +341,41 @@ def main(args):
 
     c_train, c_val, c_test, c_gen = (for_classifier(*pair) for pair in (train, val, test, (gen_images, gen_labels)))
 
-    def fit(data, seed, desc, val_set=c_val):
-        return clf.train_classifier(data, val_set, users, settings, seed, device, desc=desc)[0]
+    # The VAE reconstructions, for the classifiers trained on them.
+    vae_path = args.vae_path or generator_vae
+    if vae_path:
+        from utils.vae import load_vae, reconstruct_uint8
+
+        vae_dtype = inference_dtype(args.dtype, device)
+        vae = load_vae(vae_path, torch_dtype=vae_dtype)
+        if vae.config.sample_size != resolution:
+            raise UsageError(f"the VAE {vae_path} works at {vae.config.sample_size}x{vae.config.sample_size}, the "
+                             f"generated images are {resolution}x{resolution}")
+        log(f"reconstructing train, val and test through the VAE ({str(vae_dtype).removeprefix('torch.')})")
+        recon_train, recon_val, recon_test = (for_classifier(reconstruct_uint8(vae, x, device), y)
+                                              for x, y in (train, val, test))
+
+    # Every classifier of the protocol, keyed by (role, ...): independent jobs trained together.
+    jobs = {}
+    for seed in range(num_seeds):
+        if reference is None:
+            jobs["real", seed] = (c_train, c_val, seed, f"real-train classifier, seed {seed}")
+        if vae_path:
+            jobs["vae", seed] = (recon_train, recon_val, seed, f"VAE-reconstruction classifier, seed {seed}")
+        jobs["tstr", seed] = (c_gen, c_val, seed, f"generated-only classifier, seed {seed}")
+    for budget in budgets:
+        for seed in range(gain_seeds):  # paired: the same real subset and the same initialisation
+            index = budget_subset(c_train[1], budget, seed)
+            subset = (c_train[0][index], c_train[1][index])
+            mixed = (torch.cat([subset[0], c_gen[0]]), torch.cat([subset[1], c_gen[1]]))
+            jobs["budget real", budget, seed] = (subset, c_val, 1000 + seed, f"budget {budget}, real, seed {seed}")
+            jobs["budget augmented", budget, seed] = (mixed, c_val, 1000 + seed,
+                                                      f"budget {budget}, augmented, seed {seed}")
+    log(f"training {len(jobs)} classifiers at {classifier_resolution}x{classifier_resolution}")
+    models = dict(zip(jobs, clf.train_classifiers(list(jobs.values()), users, settings, device)))
 
     # Identity with classifiers trained on real train.
-    references = [reference] if reference is not None else [
-        fit(c_train, seed, f"real-train classifier, seed {seed}") for seed in range(num_seeds)]
+    references = [reference] if reference is not None else [models["real", seed] for seed in range(num_seeds)]
     scores = [identity_scores(m, *c_gen, num_users) for m in references]
     real_scores = [identity_scores(m, *c_test, num_users) for m in references]
     identity = {
@@ -358,24 +391,13 @@ def main(args):
 
     # The same with classifiers trained on VAE reconstructions.
     vae_report, vae_models = None, []
-    vae_path = args.vae_path or generator_vae
     if vae_path:
-        from utils.vae import load_vae, reconstruct_uint8
-
-        vae = load_vae(vae_path)
-        if vae.config.sample_size != resolution:
-            raise UsageError(f"the VAE {vae_path} works at {vae.config.sample_size}x{vae.config.sample_size}, the "
-                             f"generated images are {resolution}x{resolution}")
-        log("reconstructing train, val and test through the VAE")
-        recon_train, recon_val, recon_test = (for_classifier(reconstruct_uint8(vae, x, device), y)
-                                              for x, y in (train, val, test))
-        vae_models = [fit(recon_train, seed, f"VAE-reconstruction classifier, seed {seed}", val_set=recon_val)
-                      for seed in range(num_seeds)]
+        vae_models = [models["vae", seed] for seed in range(num_seeds)]
         # The stage-1 question: do the real-train classifiers still recognise people in
         # reconstructions of the test images? (the share of their accuracy kept)
         on_reconstructions = mean_std([clf.accuracy(m, *recon_test) for m in references])
         vae_report = {
-            "vae_path": str(vae_path),
+            "vae_path": str(vae_path), "dtype": str(vae_dtype).removeprefix("torch."),
             "real_train_classifiers_on_reconstructed_test": on_reconstructions,
             "identity_kept": on_reconstructions["mean"] / real_mean if real_mean > 0 else float("nan"),
             "real_test": mean_std([clf.accuracy(m, *c_test) for m in vae_models]),
@@ -398,22 +420,14 @@ def main(args):
         log(f"compare {name}: generated {pct(compare_report[name]['identity']['mean'])}")
 
     # Train on synthetic, test on real.
-    tstr_models = [fit(c_gen, seed, f"generated-only classifier, seed {seed}")
-                   for seed in range(num_seeds)]
-    tstr = {"real_test": mean_std([clf.accuracy(m, *c_test) for m in tstr_models])}
+    tstr = {"real_test": mean_std([clf.accuracy(models["tstr", seed], *c_test) for seed in range(num_seeds)])}
     log(f"tstr: real test {pct(tstr['real_test']['mean'])}")
 
-    # Augmentation gain, paired by seed: same real subset and same initialisation.
+    # Augmentation gain, paired by seed.
     gain = {}
     for budget in budgets:
-        real_acc, augmented_acc = [], []
-        for seed in range(gain_seeds):
-            index = budget_subset(c_train[1], budget, seed)
-            subset = (c_train[0][index], c_train[1][index])
-            mixed = (torch.cat([subset[0], c_gen[0]]), torch.cat([subset[1], c_gen[1]]))
-            real_acc.append(clf.accuracy(fit(subset, 1000 + seed, f"budget {budget}, real, seed {seed}"), *c_test))
-            augmented_acc.append(clf.accuracy(fit(mixed, 1000 + seed, f"budget {budget}, augmented, seed {seed}"),
-                                              *c_test))
+        real_acc = [clf.accuracy(models["budget real", budget, seed], *c_test) for seed in range(gain_seeds)]
+        augmented_acc = [clf.accuracy(models["budget augmented", budget, seed], *c_test) for seed in range(gain_seeds)]
         gain[budget] = {"real": real_acc, "augmented": augmented_acc,
                         "difference": paired_interval(np.subtract(augmented_acc, real_acc))}
         d = gain[budget]["difference"]

@@ -187,6 +187,20 @@ def test_dataset_keeps_pixels_at_native_resolution(tmp_path):
     assert torch.allclose(pixels, expected)
 
 
+def test_dataset_serves_decoded_images_from_memory_within_its_budget(tmp_path, monkeypatch):
+    paths = [write_image(tmp_path / "ID_1" / f"{k}.png", "RGB", size=(12, 12), seed=k) for k in range(3)]
+    manifest = build_manifest(tmp_path, val_fraction=0, test_fraction=0)
+    monkeypatch.setattr(SpectrogramDataset, "cache_bytes", 2 * 3 * 8 * 8)  # room for two 8x8 images
+    dataset = SpectrogramDataset(tmp_path, manifest, "train", 8)
+    first = [dataset[k] for k in range(3)]
+    for path in paths:
+        path.unlink()
+    again = [dataset[k] for k in range(3)]
+    for k in range(2):  # kept: the same values without the file
+        assert again[k]["path"] == first[k]["path"] and torch.equal(again[k]["pixel_values"], first[k]["pixel_values"])
+    assert again[2]["path"] != first[2]["path"]  # over the budget: read again, gone, replaced by a readable item
+
+
 def test_palette_and_16bit_images_become_rgb(tmp_path):
     write_image(tmp_path / "ID_1" / "palette.png", "P")
     ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)

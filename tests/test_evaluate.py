@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
+from utils import classifier as clf
 from utils.classifier import load_classifier, resize
+from utils.presets import PRESETS
 
 CPU = ["--device", "cpu"]
 
@@ -39,6 +41,15 @@ def test_resize_keeps_flat_colours_and_skips_the_same_size():
     assert small.shape == (2, 3, 4, 4) and small.dtype == torch.uint8
     assert (small[0, 0] == 200).all() and (small[1, 2] == 17).all() and small[0, 1:].sum() == 0
     assert resize(images, 8) is images and resize(images[:0], 4).shape == (0, 3, 4, 4)
+
+
+def test_classifiers_trained_side_by_side_come_back_in_order():
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    settings = {**PRESETS["tiny"]["classifier"], "max_train_steps": 30, "learning_rate": 1e-2}
+    jobs = [((images, torch.full((8,), label)), (images[:2], torch.full((2,), label)), 0, f"all {label}")
+            for label in (2, 0, 1)]  # each job sees one user only, so its model answers that user
+    models = clf.train_classifiers(jobs, ["a", "b", "c"], settings, processes=2)
+    assert [clf.predict(m, images)[0].argmax(1).unique().tolist() for m in models] == [[2], [0], [1]]
 
 
 def test_train_classifier_writes_a_reloadable_folder(tiny_generator, tmp_path):

@@ -4,9 +4,13 @@ import json
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import run_cli
+from utils import training
+from utils.cli import UsageError
+from utils.sampling import inference_dtype
 
 SCRIPT = "inference/generate.py"
 FAST = ["--num_inference_steps", "2", "--device", "cpu"]
@@ -35,6 +39,7 @@ def test_writes_the_dataset_layout_and_a_manifest(model, tmp_path):
     assert [(r["file"], r["seed"]) for r in manifest["images"]] == [(f, int(f.split("seed")[1][:-4])) for f in files]
     assert len(manifest["model"]["sha256"]) == 64 and manifest["arguments"]["seed"] == 7
     assert manifest["resolved"]["users"] == ["ID_1", "ID_3"] and manifest["resolved"]["num_inference_steps"] == 2
+    assert manifest["resolved"]["dtype"] == "float32"
     assert (out / "grid.png").exists()
 
 
@@ -86,6 +91,17 @@ def test_bad_input_exits_2_and_writes_nothing(model, tmp_path, case):
         assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     else:
         assert not out.exists()
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(training, "cpu_computes_bf16", lambda: True)
+    assert inference_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(training, "cpu_computes_bf16", lambda: False)
+    assert inference_dtype("auto", cpu) == torch.float32
+    assert inference_dtype("bf16", cpu) == torch.bfloat16  # asked for: allowed, emulated
+    with pytest.raises(UsageError, match="fp16 needs a GPU"):
+        inference_dtype("fp16", cpu)
 
 
 def test_overwrite_replaces_only_a_previous_output(model, tmp_path):

@@ -37,6 +37,7 @@ from utils.image_grid import labelled_grid, to_pil
 from utils.presets import PRESET_NAMES, resolve_preset
 from utils.sampling import GENERATOR_INFO, decode_latents, make_sampler, sample_latents
 from utils.training import (
+    adamw,
     check_finite,
     resume_point,
     write_run_config,
@@ -366,7 +367,7 @@ def main(args):
     condition_encoder = UserConditionEncoder(manifest.num_users, args.cross_attention_dim, args.num_condition_tokens)
     denoiser = ConditionalDenoiser(unet, condition_encoder)
     noise_scheduler = build_noise_scheduler(args)
-    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = adamw(denoiser.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(

@@ -35,6 +35,7 @@ from utils.image_grid import labelled_grid, to_pil
 from utils.metrics import LpipsUnavailable, load_lpips, psnr, ssim
 from utils.presets import PRESET_NAMES, resolve_preset
 from utils.training import (
+    adamw,
     check_finite,
     resume_point,
     write_run_config,
@@ -359,7 +360,7 @@ def main(args):
 
     vae = build_vae(args)
     model = AutoencoderWithPosterior(vae)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = adamw(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     from diffusers.optimization import get_scheduler
 
     # The prepared scheduler advances once per process per optimiser step.
@@ -373,7 +374,7 @@ def main(args):
     discriminator = None
     if args.disc_weight > 0:
         discriminator = PatchDiscriminator(args.disc_channels, args.disc_layers)
-        disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.learning_rate, betas=(0.5, 0.9))
+        disc_optimizer = adamw(discriminator.parameters(), lr=args.learning_rate, betas=(0.5, 0.9))
         discriminator, disc_optimizer = accelerator.prepare(discriminator, disc_optimizer)
     if perceptual is not None:
         perceptual = perceptual.to(accelerator.device)

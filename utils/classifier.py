@@ -15,6 +15,9 @@ maps them to [-1, 1] exactly as the diffusion stages see them.
 import copy
 import json
 import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ from tqdm.auto import tqdm
 from utils.cli import UsageError
 from utils.data_loader import MANIFEST_NAME, DatasetManifest, is_image_file, load_rgb, natural_key
 from utils.files import atomic_folder
+from utils.training import adamw
 
 TRAINING_INFO = "training.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -64,7 +68,10 @@ def to_model_input(images_uint8):
 def stack(paths, labels, resolution):
     if not paths:
         return torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
-    return torch.stack([image_array(p, resolution) for p in paths]), torch.tensor(labels, dtype=torch.long)
+    # PIL releases the GIL while it decodes and resizes: threads use every core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        images = list(pool.map(lambda path: image_array(path, resolution), paths))
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
 def load_split(data_dir, manifest, split, resolution):
@@ -113,7 +120,7 @@ def predict(model, images_uint8, batch_size=256):
     device = next(model.parameters()).device
     logits, features = [], []
     for start in range(0, len(images_uint8), batch_size):
-        x = to_model_input(images_uint8[start:start + batch_size].to(device))
+        x = to_model_input(images_uint8[start:start + batch_size].to(device)).to(memory_format=torch.channels_last)
         pooled = model.resnet(x).pooler_output  # (B, C, 1, 1)
         features.append(pooled.flatten(1).float().cpu())
         logits.append(model.classifier(pooled).float().cpu())
@@ -146,8 +153,9 @@ def train_classifier(train, val, users, settings, seed, device="cpu", desc="clas
         raise UsageError(f"{desc}: no training images")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = build_classifier(users, settings["widths"], settings["depths"]).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
+    # Channels-last layout, the one oneDNN and tensor cores prefer: a quick-preset step 0.048 -> 0.039 s on the 2-core CPU.
+    model = build_classifier(users, settings["widths"], settings["depths"]).to(device).to(memory_format=torch.channels_last)
+    optimizer = adamw(model.parameters(), lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
     max_steps, warmup = settings["max_train_steps"], max(1, settings["max_train_steps"] // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, cosine decay
         optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / max_steps, 1.0)))))
@@ -160,7 +168,7 @@ def train_classifier(train, val, users, settings, seed, device="cpu", desc="clas
         if len(order) < batch_size:  # a fresh permutation per epoch; the last partial batch is dropped
             order = torch.randperm(len(images), generator=generator)
         index, order = order[:batch_size], order[batch_size:]
-        x = roll_time(to_model_input(images[index]), generator).to(device)
+        x = roll_time(to_model_input(images[index]), generator).to(device, memory_format=torch.channels_last)
         loss = F.cross_entropy(model(pixel_values=x).logits, labels[index].to(device), label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -181,6 +189,44 @@ def train_classifier(train, val, users, settings, seed, device="cpu", desc="clas
     model.load_state_dict(best["state"])
     return model.eval(), {"best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
                           "steps_run": history[-1]["step"], "history": history}
+
+
+def _train_in_worker(train, val, users, settings, seed):
+    model, _ = train_classifier(train, val, users, settings, seed, progress=False)
+    return {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+
+
+def train_classifiers(jobs, users, settings, device="cpu", processes=None):
+    """Trained models for independent jobs [(train, val, seed, description)], in order.
+
+    On a CPU they train side by side, one process of one thread per core: these small
+    convolutions use two threads poorly (2-core CPU, quick preset: 0.067 s per step in each
+    of two single-thread processes vs 0.039 s in one two-thread process). A process takes
+    ~5 s to start (imports), so by default (`processes=None`) only jobs of 2000 steps or more
+    in all are spread. On a GPU, one after another."""
+    if torch.device(device).type != "cpu":
+        processes = 1
+    elif processes is None:
+        processes = torch.get_num_threads() if settings["max_train_steps"] * len(jobs) >= 2000 else 1
+    processes = min(len(jobs), processes)
+    if processes <= 1:
+        return [train_classifier(train, val, users, settings, seed, device, desc=desc)[0]
+                for train, val, seed, desc in jobs]
+    # spawn, not fork: a forked copy of a process whose thread pools already ran can hang.
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        futures = [pool.submit(_train_in_worker, train, val, users, settings, seed) for train, val, seed, _ in jobs]
+        bar = tqdm(total=len(jobs), desc=f"classifiers ({processes} processes)", leave=False)
+        for future in futures:
+            future.add_done_callback(lambda _: bar.update(1))
+        states = [future.result() for future in futures]
+        bar.close()
+    models = []
+    for state in states:
+        model = build_classifier(users, settings["widths"], settings["depths"])
+        model.load_state_dict(state)
+        models.append(model.to(device).eval())
+    return models
 
 
 def save_classifier(model, folder, manifest, info):

@@ -61,9 +61,7 @@ class UserDiffusionPipeline(DiffusionPipeline):
             scheduler_config = DDPMScheduler.load_config(path / "scheduler")
         except (OSError, ValueError, RuntimeError) as error:
             raise UsageError(f"{flag} {path}: cannot load the model ({str(error).splitlines()[0]})") from None
-        vae = load_vae(path / "vae", flag)
-        if torch_dtype is not None:
-            vae = vae.to(torch_dtype)
+        vae = load_vae(path / "vae", flag, torch_dtype)
         manifest = DatasetManifest.load(path / MANIFEST_NAME)
         if manifest.label_map != info["label_map"] or encoder.config.num_users != manifest.num_users:
             raise UsageError(f"{flag} {path}: generator.json, the manifest and the condition encoder disagree on the users")
@@ -79,7 +77,7 @@ class UserDiffusionPipeline(DiffusionPipeline):
         from diffusers import UNet2DConditionModel
         from utils.vae import load_vae_manifest
 
-        vae = load_vae(vae_path)
+        vae = load_vae(vae_path, torch_dtype=torch_dtype)
         manifest = load_vae_manifest(vae_path)
         unet_path, encoder_path = Path(unet_path), Path(condition_encoder_path)
         if not (unet_path / "config.json").exists():
@@ -96,7 +94,9 @@ class UserDiffusionPipeline(DiffusionPipeline):
                 token_width = state["norm.weight"].shape[0]
                 encoder = UserConditionEncoder(rows - 1, token_width, state["mlp.2.weight"].shape[0] // token_width, width)
                 encoder.load_state_dict(state)
-                encoder = encoder.to(torch_dtype).eval() if torch_dtype is not None else encoder.eval()
+                if torch_dtype is not None:  # torch's plain cast: diffusers' .to() warns about fp32 modules it has none of
+                    torch.nn.Module.to(encoder, torch_dtype)
+                encoder = encoder.eval()
         except (OSError, ValueError, RuntimeError, KeyError) as error:
             raise UsageError(f"cannot load the UNet or the condition encoder ({str(error).splitlines()[0]})") from None
         if encoder.config.num_users != num_users:
@@ -114,8 +114,6 @@ class UserDiffusionPipeline(DiffusionPipeline):
             )
         info = json.loads(stored.read_text())
         scheduler_config = json.loads((unet_path.parent / "scheduler/scheduler_config.json").read_text())
-        if torch_dtype is not None:
-            vae = vae.to(torch_dtype)
         pipe = cls(vae, unet, encoder, make_sampler(scheduler_config, scheduler))
         pipe.info, pipe.manifest, pipe.sampler_name = info, manifest, scheduler
         return pipe

@@ -10,8 +10,8 @@ from utils.cli import UsageError
 from utils.data_loader import MANIFEST_NAME, DatasetManifest
 
 
-def load_vae(vae_path, flag="--vae_path"):
-    """An AutoencoderKL from a save_pretrained folder, or a clear error."""
+def load_vae(vae_path, flag="--vae_path", torch_dtype=None):
+    """An AutoencoderKL from a save_pretrained folder (weights in `torch_dtype`, default as saved), or a clear error."""
     from diffusers import AutoencoderKL
 
     vae_path = Path(vae_path)
@@ -25,7 +25,7 @@ def load_vae(vae_path, flag="--vae_path"):
     if class_name != "AutoencoderKL":
         raise UsageError(f"{flag} {vae_path} holds a {class_name or 'unknown'} config, not an AutoencoderKL")
     try:
-        return AutoencoderKL.from_pretrained(vae_path).eval()
+        return AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch_dtype).eval()
     except (OSError, ValueError, RuntimeError) as error:
         raise UsageError(f"{flag} {vae_path}: cannot load the weights ({str(error).splitlines()[0]})") from None
 
@@ -49,6 +49,6 @@ def reconstruct_uint8(vae, images_uint8, device, batch_size=64):
     vae = vae.to(device)
     out = []
     for start in range(0, len(images_uint8), batch_size):
-        x = images_uint8[start:start + batch_size].float().to(device) / 127.5 - 1.0
+        x = (images_uint8[start:start + batch_size].float().to(device) / 127.5 - 1.0).to(vae.dtype)
         out.append(((reconstruct(vae, x).float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
     return torch.cat(out) if out else images_uint8.clone()
