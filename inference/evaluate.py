@@ -20,6 +20,9 @@ from scratch, sized by --preset:
   distribution  Frechet distance and precision/recall/density/coverage (k=5) in the
               reference classifier's feature space; memorisation in pixel space.
 
+The classifiers are independent: on a CPU they train side by side, one single-thread
+process per core (utils.classifier.train_classifiers).
+
 Writes OUTPUT/report.json, OUTPUT/report.md with PNG plots, and OUTPUT/classifier/ (the
 first reference classifier, reusable with --classifier_path and generate.py's
 --filter_classifier). --compare_dir adds the identity numbers of other generated folders
@@ -67,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="the VAE's weights for the reconstructions: auto = bf16 where the device computes it natively "
-                        "(2x faster on such a CPU, PSNR within 0.01 dB of fp32), else fp32")
+                        "(2x faster on such a CPU; quick VAE test PSNR 22.1581 dB vs 22.1582 in fp32), else fp32")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     return p.parse_args(argv)
 
