@@ -104,7 +104,8 @@ def load_filter(args, manifest):
     """None, or a function (PIL images, labels) -> the classifier's probability of each label."""
     if not args.filter_classifier:
         return None
-    from utils.classifier import load_classifier, pil_to_array, predict
+    from utils.classifier import load_classifier, predict
+    from utils.data_loader import pil_to_array
 
     model, classifier_manifest, resolution = load_classifier(args.filter_classifier, "--filter_classifier")
     if classifier_manifest.users != manifest.users:

@@ -20,13 +20,12 @@ import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from utils.cli import UsageError
-from utils.data_loader import MANIFEST_NAME, DatasetManifest, is_image_file, load_rgb, natural_key
+from utils.data_loader import MANIFEST_NAME, DatasetManifest, is_image_file, load_rgb, natural_key, pil_to_array
 from utils.files import atomic_folder
 from utils.training import adamw
 
@@ -37,15 +36,6 @@ WEIGHTS_NAME = "model.safetensors"
 def image_array(path, resolution):
     """One image file as a (3, R, R) uint8 tensor, resized with the data loader's filter."""
     return pil_to_array(load_rgb(path), resolution)
-
-
-def pil_to_array(image, resolution):
-    """An RGB PIL image as a (3, R, R) uint8 tensor; the one resize every image goes through."""
-    from PIL import Image
-
-    if image.size != (resolution, resolution):
-        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def resize(images_uint8, resolution):

@@ -332,6 +332,14 @@ def build_manifest(data_dir, val_fraction=0.1, test_fraction=0.2, seed=0, scan=N
     )
 
 
+def pil_to_array(image, resolution):
+    """An RGB PIL image as a (3, R, R) uint8 tensor; the one resize every image goes through."""
+    if image.size != (resolution, resolution):
+        # PIL scales the bicubic kernel with the reduction, so downsampling is antialiased.
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
 class SpectrogramDataset(torch.utils.data.Dataset):
     """One split of a dataset as tensors in [-1, 1] of shape (3, R, R).
 
@@ -364,11 +372,7 @@ class SpectrogramDataset(torch.utils.data.Dataset):
     def load_image(self, relative_path):
         pixels = self._cache.get(relative_path)
         if pixels is None:
-            image = load_rgb(self.data_dir / relative_path)
-            if image.size != (self.resolution, self.resolution):
-                # PIL scales the bicubic kernel with the reduction, so downsampling is antialiased.
-                image = image.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
-            pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+            pixels = pil_to_array(load_rgb(self.data_dir / relative_path), self.resolution)
             if (len(self._cache) + 1) * pixels.numel() <= self.cache_bytes:
                 self._cache[relative_path] = pixels
         return pixels.float() / 127.5 - 1.0  # (3, R, R) in [-1, 1]

@@ -36,14 +36,19 @@ def cpu_computes_bf16():
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
+def computes_bf16(cpu):
+    """Whether the device computes bfloat16 natively: a CPU with bf16 units, or a GPU with bf16."""
+    return cpu_computes_bf16() if cpu else torch.cuda.is_bf16_supported()
+
+
 def resolve_precision(choice, cpu):
     """--mixed_precision auto: bf16 where the hardware computes it natively, otherwise fp16
     on a GPU and full precision on a CPU. Other choices pass through."""
     if choice != "auto":
         return choice
-    if cpu:
-        return "bf16" if cpu_computes_bf16() else "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if computes_bf16(cpu):
+        return "bf16"
+    return "no" if cpu else "fp16"
 
 
 def adamw(parameters, **kwargs):
