@@ -4,7 +4,8 @@
     python benchmarks/latent_cache_speed.py --data_dir data/simulated          # 256x256, standard preset
     python benchmarks/latent_cache_speed.py --data_dir data/simulated --preset quick --resolution 64
 
-Both loops run a full optimiser step of the same UNet and condition encoder. "On the
+Both loops run a full optimiser step of the same UNet and condition encoder, with the
+trainer's optimiser. "On the
 fly" also reads and decodes the batch's PNGs and runs the VAE encoder (no gradient),
 as the original did every step; "cached" draws a posterior sample from cached means and
 standard deviations. The VAE is the preset's architecture with random weights: its
@@ -28,6 +29,7 @@ from utils.cli import UsageError, run
 from utils.condition_encoder import UserConditionEncoder
 from utils.data_loader import SpectrogramDataset, build_manifest, check_data_dir
 from utils.presets import PRESET_NAMES, resolve_preset
+from utils.training import adamw
 
 
 def parse_args(argv=None):
@@ -76,7 +78,7 @@ def main(args):
         UserConditionEncoder(manifest.num_users, unet_args.cross_attention_dim, unet_args.num_condition_tokens),
     ).to(device)
     noise_scheduler = train_diffusion.build_noise_scheduler(unet_args)
-    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=1e-4)
+    optimizer = adamw(denoiser.parameters(), lr=1e-4)  # the trainer's optimiser (fused where torch has it)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
 
     def unet_step(latents, users):
