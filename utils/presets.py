@@ -65,10 +65,10 @@ PRESETS = {
             resolution=32, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1), batch_size=64, learning_rate=2e-3,
             weight_decay=5e-4, max_train_steps=500, eval_every=50, patience=4,
         ),
-        # 3 + 3 + 3 + 2 x 5 classifiers, two at a time on the 2-core CPU (~27 s each): 5 min 49 s with the
-        # VAE reconstructions in run_pipeline.py. 8 paired gain seeds narrow the interval (the same model:
-        # +2.7 points, 95% CI [-2.1, +7.5] with 5; +4.2 [+1.1, +7.3] with 8) but cost 73-140 s, which
-        # took the whole pipeline to 31.5 min in a slower hour of this machine: `--gain_seeds 8` when time allows.
+        # 3 + 3 + 3 + 2 x 5 classifiers, two at a time on the 2-core CPU (~27 s each): about 6 min with the
+        # VAE reconstructions in run_pipeline.py. Gain at 10 per user with 5 paired seeds: +7.1 points,
+        # 95% CI [+1.8, +12.3] (the batch-16 diffusion model). On the earlier 1000-step model 5 seeds gave
+        # [-2.1, +7.5] and 8 seeds [+1.1, +7.3], for 73-140 s more: `--gain_seeds 8` narrows it when time allows.
         "evaluation": dict(budgets=(10,), num_seeds=3, gain_seeds=5),
         "pipeline": dict(num_users=31, images_per_user=150, resolution=256, images_to_generate=20, min_psnr=20.0),
     },
