@@ -5,11 +5,10 @@
     python benchmarks/latent_cache_speed.py --data_dir data/simulated --preset quick --resolution 64
 
 Both loops run a full optimiser step of the same UNet and condition encoder, with the
-trainer's optimiser. "On the
-fly" also reads and decodes the batch's PNGs and runs the VAE encoder (no gradient),
-as the original did every step; "cached" draws a posterior sample from cached means and
-standard deviations. The VAE is the preset's architecture with random weights: its
-speed does not depend on what it learned.
+trainer's optimiser. "On the fly" also reads and decodes the batch's PNGs and runs the
+VAE encoder (no gradient), as the original did every step; "cached" draws a posterior
+sample from cached means and standard deviations. The VAE is the preset's architecture
+with random weights: its speed does not depend on what it learned.
 """
 
 import argparse
