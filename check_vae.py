@@ -2,7 +2,8 @@
 
     python check_vae.py --vae_path outputs/vae/final_model --data_dir data/simulated
 
-Uses the split stored with the model (default: the test split), the posterior mode (no
+Uses the split stored with the model (default: the test split; a --manifest must be that
+split), the posterior mode (no
 sampling noise), and reports PSNR / SSIM (and LPIPS when its backbone is installed): the
 mean and the worst user, the latent statistics against the stored scaling factor, a
 verdict, vae_check.json and a grid of originals over reconstructions. For scale, it
@@ -18,14 +19,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from utils.cli import UsageError, run
-from utils.data_loader import MANIFEST_NAME, DatasetManifest, SpectrogramDataset, check_data_dir
-from utils.files import atomic_path
+from utils.cli import HelpFormatter, UsageError, resolve_device, run
+from utils.data_loader import SpectrogramDataset, add_split_arguments, check_data_dir
+from utils.files import atomic_path, write_json
 from utils.image_grid import labelled_grid, to_pil
 from utils.metrics import LpipsUnavailable, load_lpips, psnr, ssim
 from utils.recipes import default_vae_output_dir
-from utils.training import write_json
-from utils.vae import load_vae
+from utils.vae import trained_vae
 
 VERDICTS = [  # (margin over --min_psnr in dB, Chinese, English)
     (3.0, "优秀", "excellent"),
@@ -50,7 +50,7 @@ def verdict(mean_psnr, min_psnr):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Check a trained VAE on held-out images: PSNR / SSIM / LPIPS, latent scale, verdict.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--vae_path", default=str(default_vae_output_dir() / "final_model"), help="stage-1 final_model folder")
     p.add_argument("--data_dir", help="dataset folder (default: the one recorded in the model's manifest)")
@@ -61,26 +61,20 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples used for the latent statistics")
+    add_split_arguments(p, new_split=False)
     return p.parse_args(argv)
 
 
 def main(args):
     vae_path = Path(args.vae_path)
-    if not vae_path.is_dir():
-        raise UsageError(f"--vae_path {vae_path} does not exist; train one with training/train_vae.py or train_celeba_standard.py")
-    if not (vae_path / MANIFEST_NAME).exists():
-        raise UsageError(f"--vae_path {vae_path} has no {MANIFEST_NAME}: it was not written by training/train_vae.py")
-    vae = load_vae(vae_path)
-    manifest = DatasetManifest.load(vae_path / MANIFEST_NAME)
+    vae, manifest = trained_vae(vae_path, args.manifest)
     data_dir = check_data_dir(args.data_dir or manifest.data_dir)
-    manifest.check_users_match(data_dir)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA GPU is visible")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    manifest.check_matches(data_dir)
+    device = resolve_device(args.device)
     resolution = vae.config.sample_size
     dataset = SpectrogramDataset(data_dir, manifest, args.split, resolution)
     if len(dataset) == 0:
-        raise UsageError(f"the {args.split} split of {vae_path / MANIFEST_NAME} is empty")
+        raise UsageError(f"the {args.split} split of the manifest stored with {vae_path} is empty")
     indices = list(range(len(dataset)))
     if args.num_samples:
         indices = indices[:: max(1, len(indices) // args.num_samples)][: args.num_samples]

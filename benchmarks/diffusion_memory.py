@@ -13,9 +13,8 @@ Temporary buffers freed during the backward are not counted; allow some margin.
 """
 
 import argparse
-import json
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 if not __package__:  # run as `python benchmarks/diffusion_memory.py`: make the repository's packages importable
@@ -23,10 +22,11 @@ if not __package__:  # run as `python benchmarks/diffusion_memory.py`: make the 
 
 import torch
 
-from training import train_diffusion
+from benchmarks._measure import add_output_arguments, device_name, publish, seconds_per_call
 from utils.cli import UsageError, run
-from utils.condition_encoder import UserConditionEncoder
-from utils.presets import PRESET_NAMES, resolve_preset
+from utils.diffusion import build_denoiser, build_diffusion_training, resolve_diffusion_config
+from utils.presets import PRESET_NAMES
+from utils.training import make_accelerator
 
 GIB = 2**30
 
@@ -39,21 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--latent_shape", type=int, nargs=3, default=[4, 32, 32], help="C H W (default 4 32 32: 256x256, factor 8)")
     p.add_argument("--num_users", type=int, default=31)
     p.add_argument("--steps", type=int, default=3, help="timed steps on a GPU (default 3)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--out", help="also write the numbers as JSON here")
+    add_output_arguments(p)
     return p.parse_args(argv)
-
-
-def build(args, device):
-    config = train_diffusion.parse_args(["--data_dir", "-", "--vae_path", "-", "--output_dir", "-", "--preset", args.preset])
-    resolve_preset(config, "diffusion")
-    channels, height, _ = args.latent_shape
-    torch.manual_seed(0)
-    denoiser = train_diffusion.ConditionalDenoiser(
-        train_diffusion.build_unet(config, channels, height),
-        UserConditionEncoder(args.num_users, config.cross_attention_dim, config.num_condition_tokens),
-    ).to(device)
-    return config, denoiser
 
 
 def saved_activation_bytes(forward, parameters):
@@ -75,71 +62,58 @@ def saved_activation_bytes(forward, parameters):
 def main(args):
     if args.batch_size < 1 or args.steps < 1:
         raise UsageError("--batch_size and --steps must be at least 1")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    if args.device == "cuda" and device.type != "cuda":
-        raise UsageError("--device cuda but no CUDA GPU is visible")
-    config, denoiser = build(args, device)
-    parameters = list(denoiser.parameters())
-    count = sum(p.numel() for p in parameters)
+    # On a CPU the estimate runs in full precision; bf16 autocast stands in for the 2-byte activations.
+    cpu_precision = "no" if args.device == "cpu" or not torch.cuda.is_available() else args.mixed_precision
+    config = resolve_diffusion_config({"preset": args.preset, "device": args.device, "batch_size": args.batch_size,
+                                       "mixed_precision": cpu_precision, "latent_shape": args.latent_shape})
+    device = torch.device(config.device)
+    torch.manual_seed(0)
     latents = torch.randn(args.batch_size, *args.latent_shape, device=device)
     users = torch.randint(0, args.num_users, (args.batch_size,), device=device)
-    timesteps = torch.randint(0, 1000, (args.batch_size,), device=device)
     result = {"preset": args.preset, "batch_size": args.batch_size, "mixed_precision": args.mixed_precision,
-              "latent_shape": args.latent_shape, "parameters_millions": count / 1e6}
+              "latent_shape": args.latent_shape}
 
     if device.type == "cuda":
-        from diffusers.training_utils import EMAModel
-
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision)
-        optimizer = torch.optim.AdamW(parameters, lr=1e-4)
-        ema = EMAModel(parameters)
-        ema.to(device)
-        scaler = torch.amp.GradScaler("cuda", enabled=args.mixed_precision == "fp16")
+        # train_diffusion.py's own step (UNet, encoder, loss, AdamW, EMA) under accelerate's mixed precision.
+        with tempfile.TemporaryDirectory() as scratch:
+            accelerator = make_accelerator("cuda", args.mixed_precision, 1, "none", scratch)
+        training = build_diffusion_training(config, accelerator, args.num_users, args.num_users, args.steps + 1)
+        count = sum(p.numel() for p in training.denoiser.parameters())
+        batch = {"mean": latents, "std": torch.zeros_like(latents), "user_index": users}
 
         def step():
-            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = torch.nn.functional.mse_loss(denoiser(latents, timesteps, users).float(), latents)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            ema.step(parameters)
+            with accelerator.accumulate(*training.modules):
+                training.step(batch, 0)
 
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        torch.cuda.synchronize()
-        seconds = (time.perf_counter() - started) / args.steps
-        result.update(device=torch.cuda.get_device_name(device), method="measured: CUDA allocator peak",
+        seconds = seconds_per_call(step, args.steps, 1, device)
+        result.update(device=device_name(device), method="measured: CUDA allocator peak",
                       peak_memory_gb=torch.cuda.max_memory_allocated() / GIB, steps_per_second=1 / seconds,
                       images_per_second=args.batch_size / seconds)
     else:
-        # bf16 autocast on the CPU stands in for fp16 on a GPU: both keep 2-byte activations.
+        denoiser = build_denoiser(config, args.num_users)
+        parameters = list(denoiser.parameters())
+        count = sum(p.numel() for p in parameters)
+        timesteps = torch.randint(0, 1000, (args.batch_size,))
         low_precision = args.mixed_precision != "no"
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision):
             activations, output = saved_activation_bytes(lambda: denoiser(latents, timesteps, users), parameters)
         del output
         static = count * (16 + 4)
-        result.update(device=f"CPU ({torch.get_num_threads()} threads)",
+        result.update(device=device_name(device),
                       method="estimated: 20 bytes/parameter (fp32 weights, grads, AdamW, EMA) + saved activations "
                              + ("at 2 bytes (bf16 autocast)" if low_precision else "in fp32"),
                       static_gb=static / GIB, activations_gb=activations / GIB,
                       peak_memory_gb=(static + activations) / GIB)
+    result["parameters_millions"] = count / 1e6
     fits = result["peak_memory_gb"] < 16 * 0.93  # a 16 GB card exposes about 14.9 GiB
     result["fits_16gb"] = fits
-    print(
+    return publish(result, (
         f"stage-2 {args.preset} preset, batch {args.batch_size}, {args.mixed_precision}, latents "
         f"{'x'.join(map(str, args.latent_shape))}, {count / 1e6:.1f} M parameters on {result['device']}:\n"
         f"  peak memory {result['peak_memory_gb']:.2f} GiB ({result['method']})"
         + (f"\n  {result['steps_per_second']:.2f} steps/s = {result['images_per_second']:.1f} images/s" if "steps_per_second" in result else "")
         + f"\n  fits a 16 GB GPU (about 14.9 GiB usable): {'yes' if fits else 'no'}"
-    )
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    return 0
+    ), args.out)
 
 
 if __name__ == "__main__":

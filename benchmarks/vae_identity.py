@@ -11,7 +11,6 @@ the gait pattern. inference/evaluate.py reports the same share at the preset's r
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,8 +19,8 @@ if not __package__:  # run as `python benchmarks/vae_identity.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-import torch
 
+from benchmarks._measure import add_output_arguments, publish
 from utils import classifier as clf
 from utils.cli import UsageError, resolve_device, run
 from utils.data_loader import check_data_dir
@@ -37,8 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, help="side the classifier sees (default: the preset's)")
     p.add_argument("--max_train_steps", type=int, help="classifier training steps (default: the preset's)")
     p.add_argument("--seeds", type=int, default=3, help="classifier seeds to average over (default 3)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--out", help="also write the numbers as JSON here")
+    add_output_arguments(p)
     return p.parse_args(argv)
 
 
@@ -74,12 +72,9 @@ def main(args):
         "classifier": settings, "seeds": args.seeds, "real_test_accuracy": real, "reconstruction_accuracy": kept_accuracy,
         "kept": reconstructed_mean / real_mean if real_mean else 0.0, "seconds": time.perf_counter() - started,
     }
-    print(f"person-ID accuracy, {manifest.num_users} users, {len(test[1])} test images, classifier at {side}x{side}, "
-          f"{args.seeds} seeds: real {real_mean:.3f}, VAE reconstructions {reconstructed_mean:.3f} -> "
-          f"{result['kept']:.1%} kept (target >= 90%)")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    return 0
+    return publish(result, f"person-ID accuracy, {manifest.num_users} users, {len(test[1])} test images, classifier at "
+                           f"{side}x{side}, {args.seeds} seeds: real {real_mean:.3f}, VAE reconstructions "
+                           f"{reconstructed_mean:.3f} -> {result['kept']:.1%} kept (target >= 90%)", args.out)
 
 
 if __name__ == "__main__":

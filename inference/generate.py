@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from utils.cli import UsageError, resolve_device, run
+from utils.cli import HelpFormatter, UsageError, resolve_device, run
 from utils.files import atomic_folder
 from utils.image_grid import labelled_grid
 from utils.sampling import DEFAULT_SAMPLER, DTYPES, SAMPLERS, inference_dtype
@@ -41,7 +41,7 @@ SEEDS_PER_USER = 100_000
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Generate spectrograms of chosen users from a stage-2 model (see the module docstring).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     model = p.add_argument_group("model: --model_path, or the original three paths with --num_users")
     model.add_argument("--model_path", help="stage-2 final_model folder (holds everything)")
@@ -60,10 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="base seed (see the module docstring)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=DTYPES, default="fp32",
-                   help="fp32 reproduces an image exactly from its seed, whatever the batch; auto: bf16 where the "
-                        "device computes it natively (recent GPUs, CPUs with AMX: 2x faster there), else fp32; in "
-                        "bf16 the batch moves pixels by a few levels (at most 4 of 255 on the quick model); "
-                        "fp16 needs a GPU")
+                   help="fp32 reproduces an image from its seed, whatever the batch; auto: bf16 where the device "
+                        "computes it natively (recent GPUs, CPUs with AMX: faster there), else fp32; in bf16 the "
+                        "batch moves pixels by a few levels; fp16 needs a GPU")
     p.add_argument("--output_dir", default="outputs/generated", help="where the user folders go")
     p.add_argument("--grid", action="store_true", help="also write grid.png: one row per user, names in the margin")
     p.add_argument("--overwrite", action="store_true", help="replace an output folder that already holds generated images")
@@ -111,6 +110,8 @@ def load_filter(args, manifest):
     if classifier_manifest.users != manifest.users:
         raise UsageError(f"--filter_classifier {args.filter_classifier} was trained on other users than the generator "
                          f"({classifier_manifest.num_users} vs {manifest.num_users}); train it on the same dataset")
+    # A filter that saw the generator's test images would select images that flatter the evaluation.
+    manifest.require_same_split(classifier_manifest, "the generator", f"--filter_classifier {args.filter_classifier}")
 
     def judge(images, labels):
         logits, _ = predict(model, torch.stack([pil_to_array(image, resolution) for image in images]))

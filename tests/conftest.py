@@ -23,6 +23,30 @@ def run_cli(*args, cwd=REPO_ROOT):
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+INTERRUPT_AT_STEP = """
+import runpy, sys
+from utils.training import MetricsLog
+
+log = MetricsLog.log
+
+
+def ctrl_c_at_step(self, step, **values):
+    if step == {step} and "loss" in values:  # after step {step}'s optimiser step, before it is logged
+        raise KeyboardInterrupt
+    return log(self, step, **values)
+
+
+MetricsLog.log = ctrl_c_at_step
+sys.argv[0] = {script!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def run_interrupted(script, *args, step):
+    """Run a training script as `run_cli` does, with Ctrl-C pressed during step `step`."""
+    return run_cli("-c", INTERRUPT_AT_STEP.format(script=str(script), step=step), *args)
+
+
 def write_image(path, mode="RGB", size=(40, 30), seed=0):
     """A random image of the given PIL mode, written in the format its suffix names."""
     rng = np.random.default_rng(seed)

@@ -151,15 +151,37 @@ def test_ambiguous_user_number(tmp_path):
         build_manifest(tmp_path).resolve_user(7)
 
 
-def test_check_users_match(mixed_dataset, tmp_path):
+def test_check_matches_users(mixed_dataset, tmp_path):
     manifest = build_manifest(mixed_dataset)
-    manifest.check_users_match(mixed_dataset)
+    manifest.check_matches(mixed_dataset)
     write_image(tmp_path / "ID_1" / "a.png")
     with pytest.raises(UsageError, match="ID_2 user_03"):
-        manifest.check_users_match(tmp_path)
+        manifest.check_matches(tmp_path)
     write_image(mixed_dataset / "ID_9" / "a.png")  # a user the label map does not know
     with pytest.raises(UsageError, match="does not know: ID_9"):
-        manifest.check_users_match(mixed_dataset)
+        manifest.check_matches(mixed_dataset)
+
+
+def test_check_matches_files(mixed_dataset):
+    manifest = build_manifest(mixed_dataset)
+    (mixed_dataset / "ID_2" / "img_3.PNG").unlink()
+    with pytest.raises(UsageError, match=r"1 listed files are missing \(ID_2/img_3.PNG\)"):
+        manifest.check_matches(mixed_dataset)
+    manifest = build_manifest(mixed_dataset)
+    write_image(mixed_dataset / "ID_1" / "late.png")
+    with pytest.raises(UsageError, match=r"1 files are not in it \(ID_1/late.png\).*--manifest_out"):
+        manifest.check_matches(mixed_dataset)
+
+
+def test_split_mismatch_names_the_leak(mixed_dataset):
+    a = build_manifest(mixed_dataset, seed=0)
+    assert a.split_mismatch(build_manifest(mixed_dataset, seed=0)) is None
+    b = build_manifest(mixed_dataset, seed=1, test_fraction=0.4)
+    leaked = len(a.files(["train", "val"]) & b.files(["test"]) | b.files(["train", "val"]) & a.files(["test"]))
+    assert leaked > 0
+    assert f"{leaked} test images of one are training images of the other" in a.split_mismatch(b)
+    with pytest.raises(UsageError, match="the VAE and the classifier disagree on the dataset split"):
+        a.require_same_split(b, "the VAE", "the classifier")
 
 
 @pytest.mark.parametrize("resolution", [16, 48])

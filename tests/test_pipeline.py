@@ -4,8 +4,9 @@ import json
 import shutil
 
 from conftest import run_cli
+from utils.data_loader import DatasetManifest
 
-STAGES = ["data", "vae", "check_vae", "diffusion", "generate", "evaluate"]
+STAGES = ["data", "manifest", "vae", "check_vae", "diffusion", "generate", "evaluate"]
 
 
 def test_tiny_pipeline_runs_every_stage_then_skips_what_is_complete(tmp_path):
@@ -21,7 +22,11 @@ def test_tiny_pipeline_runs_every_stage_then_skips_what_is_complete(tmp_path):
     for picture in ("vae_check/vae_check.png", "generated/grid.png", "evaluation/augmentation_gain.png"):
         assert f"]({picture})" in report and (out / picture).is_file()
     assert "of the identity survives the VAE" in report
-    assert "[stage 6/6 evaluate] done in" in first.stdout
+    assert "[stage 7/7 evaluate] done in" in first.stdout
+    # The stage-0 manifest is the split of every model the pipeline trained.
+    manifest = DatasetManifest.load(out / "dataset_manifest.json")
+    for folder in ("vae/final_model", "diffusion/final_model", "evaluation/classifier"):
+        assert manifest.split_mismatch(DatasetManifest.load(out / folder)) is None, folder
 
     # A lost evaluation is redone alone; everything before it is skipped.
     shutil.rmtree(out / "evaluation")
@@ -29,7 +34,7 @@ def test_tiny_pipeline_runs_every_stage_then_skips_what_is_complete(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     skipped = [s["name"] for s in json.loads((out / "pipeline.json").read_text())["stages"] if s["skipped"]]
     assert skipped == STAGES[:-1]
-    assert "[stage 2/6 vae] already complete" in again.stdout
+    assert "[stage 3/7 vae] already complete" in again.stdout
 
 
 def test_a_missing_data_dir_exits_2(tmp_path):

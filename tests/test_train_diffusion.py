@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, write_image
+from conftest import run_cli, run_interrupted, write_image
 from utils.condition_encoder import UserConditionEncoder, drop_conditions
 from utils.gait_simulator import SimulationSettings, write_dataset
 
@@ -66,7 +66,11 @@ def test_tiny_run_writes_a_generator_that_reloads_alone(stage1, tmp_path):
     state = torch.load(moved / "condition_encoder.pt", weights_only=True)
     plain = UserConditionEncoder(**{k: v for k, v in pipe.condition_encoder.config.items() if not k.startswith("_")})
     plain.load_state_dict(state)
-    assert torch.equal(plain(torch.tensor([1])), pipe.condition_encoder(torch.tensor([1])))
+    # The same weights exactly; the forward passes only to rounding (a module in training mode and one
+    # in eval mode may take other kernels on some CPUs).
+    for name, tensor in pipe.condition_encoder.state_dict().items():
+        assert torch.equal(plain.state_dict()[name], tensor), name
+    torch.testing.assert_close(plain(torch.tensor([1])), pipe.condition_encoder(torch.tensor([1])), rtol=1e-5, atol=1e-6)
 
 
 def test_resume_continues_and_reuses_the_latent_cache(stage1, tmp_path):
@@ -181,32 +185,18 @@ def test_stage2_benchmarks_run_on_tiny_models(stage1, tmp_path):
     assert estimate["fits_16gb"] is True
 
 
-def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(stage1, tmp_path, monkeypatch):
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(stage1, tmp_path):
     """Ctrl-C at step 6 (inside the second epoch), then the same command with
     --resume_from_checkpoint latest: the final UNet, encoder and EMA equal a straight run's."""
-    from training import train_diffusion
-    from utils.training import MetricsLog
-
     steps = ["--max_train_steps", "7", "--checkpointing_steps", "100", "--validation_steps", "100"]
     straight = train(stage1, tmp_path / "straight", *steps)
     assert straight.returncode == 0, straight.stderr
 
-    original_log = MetricsLog.log
-
-    def interrupt_at_step_6(self, step, **values):
-        if step == 6 and "loss" in values:
-            raise KeyboardInterrupt
-        return original_log(self, step, **values)
-
-    monkeypatch.setattr(MetricsLog, "log", interrupt_at_step_6)
-    args = train_diffusion.parse_args([
-        "--data_dir", str(stage1 / "data"), "--vae_path", str(stage1 / "vae/final_model"),
-        "--output_dir", str(tmp_path / "resumed"), "--preset", "tiny", "--device", "cpu", *steps,
-    ])
-    with pytest.raises(KeyboardInterrupt):
-        train_diffusion.main(args)
+    interrupted = run_interrupted(SCRIPT, "--data_dir", stage1 / "data", "--vae_path", stage1 / "vae/final_model",
+                                  "--output_dir", tmp_path / "resumed", "--preset", "tiny", "--device", "cpu", *steps,
+                                  step=6)
+    assert interrupted.returncode == 130, interrupted.stderr
     assert (tmp_path / "resumed/checkpoints/checkpoint-000006").is_dir()
-    monkeypatch.setattr(MetricsLog, "log", original_log)
 
     resumed = train(stage1, tmp_path / "resumed", *steps, "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr

@@ -1,11 +1,10 @@
 import json
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, run_cli
+from conftest import run_cli, run_interrupted
 from utils.gait_simulator import SimulationSettings, write_dataset
 
 SCRIPT = "training/train_vae.py"
@@ -59,30 +58,18 @@ DISCRIMINATOR = ["--disc_weight", "0.5", "--disc_start", "3", "--disc_channels",
 
 
 @pytest.mark.parametrize("extra", [[], DISCRIMINATOR], ids=["vae", "vae+discriminator"])
-def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_data, tmp_path, monkeypatch, extra):
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_data, tmp_path, extra):
     # 21 train images, batch 4: 5 steps per epoch, so the run resumes inside epoch 1.
     steps = ["--max_train_steps", "9", "--checkpointing_steps", "100", *extra]
     straight = train(tiny_data, tmp_path / "straight", *steps)
     assert straight.returncode == 0, straight.stderr
 
-    # Ctrl-C during step 7, in this process: the handler saves step 7, then the same
-    # command with --resume_from_checkpoint latest finishes the run.
-    sys.path.insert(0, str(REPO_ROOT / "training"))
-    import train_vae
-    from utils.training import MetricsLog
-
-    original_log = MetricsLog.log
-
-    def interrupt_at_step_7(self, step, **values):
-        if step == 7 and "loss" in values:
-            raise KeyboardInterrupt
-        return original_log(self, step, **values)
-
-    monkeypatch.setattr(MetricsLog, "log", interrupt_at_step_7)
-    args = train_vae.parse_args(["--data_dir", str(tiny_data), "--output_dir", str(tmp_path / "resumed"),
-                                 "--preset", "tiny", "--device", "cpu", *steps])
-    with pytest.raises(KeyboardInterrupt):
-        train_vae.main(args)
+    # Ctrl-C during step 7: the handler saves step 7 and exits 130, then the same command
+    # with --resume_from_checkpoint latest finishes the run.
+    interrupted = run_interrupted(SCRIPT, "--data_dir", tiny_data, "--output_dir", tmp_path / "resumed", "--preset", "tiny",
+                                  "--device", "cpu", *steps, step=7)
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert "interrupted: saved step 7" in interrupted.stderr
     assert (tmp_path / "resumed/checkpoints/checkpoint-000007").is_dir()
     assert not (tmp_path / "resumed/final_model").exists()
 
@@ -101,7 +88,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_data, tmp
 
 
 def test_hinge_loss_known_values():
-    from training.train_vae import discriminator_hinge_loss
+    from utils.losses import discriminator_hinge_loss
 
     assert discriminator_hinge_loss(torch.full((2, 1, 3, 3), 2.0), torch.full((2, 1, 3, 3), -2.0)).item() == 0.0
     assert discriminator_hinge_loss(torch.zeros(2, 1, 3, 3), torch.zeros(2, 1, 3, 3)).item() == 1.0
@@ -109,7 +96,8 @@ def test_hinge_loss_known_values():
 
 
 def test_adversarial_weight_is_adaptive_and_leaves_the_discriminator_alone():
-    from training.train_vae import PatchDiscriminator, adversarial_terms
+    from utils.losses import adversarial_terms
+    from utils.vae import PatchDiscriminator
 
     torch.manual_seed(0)
     discriminator = PatchDiscriminator(channels=8, layers=2)

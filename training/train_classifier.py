@@ -5,6 +5,10 @@
     python training/train_classifier.py --data_dir data/simulated --output_dir outputs/classifier \\
         --manifest outputs/diffusion/final_model/dataset_manifest.json
 
+Without --manifest it makes the default split of --data_dir (or the one the split flags
+describe) and says so; evaluate.py and generate.py refuse it beside a generator trained
+on another split.
+
 Trains from scratch on the train split, keeps the weights with the best val accuracy
 (early stopping), prints the test accuracy and writes OUTPUT/{config.json,
 model.safetensors, dataset_manifest.json, training.json}. The folder is what
@@ -23,17 +27,15 @@ if not __package__:  # run as `python training/train_classifier.py`: make the re
 
 from utils import classifier as clf
 from utils.cli import UsageError, resolve_device, run
-from utils.data_loader import DatasetManifest, build_manifest, check_data_dir
+from utils.data_loader import add_split_arguments, check_data_dir, stage_manifest
 from utils.files import output_folder
-from utils.presets import PRESET_NAMES, resolve_preset
+from utils.presets import PRESET_NAMES, Config, resolve_preset
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the person-ID classifier on the train split (see the module docstring).")
     p.add_argument("--data_dir", required=True, help="dataset folder with one subfolder per user")
     p.add_argument("--output_dir", required=True, help="the classifier folder to write")
-    p.add_argument("--manifest", help="dataset_manifest.json (or a folder holding one) whose split to use; "
-                                      "default: the standard split of --data_dir, as the trainers make it")
     p.add_argument("--preset", choices=PRESET_NAMES, default="quick")
     p.add_argument("--resolution", type=int, help="side the images are resized to (preset)")
     p.add_argument("--max_train_steps", type=int, help="optimiser steps (preset); early stopping may end sooner")
@@ -44,43 +46,51 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing classifier folder")
     p.add_argument("--dry_run", action="store_true", help="print the resolved configuration and exit")
+    add_split_arguments(p)
     return p.parse_args(argv)
 
 
 SETTINGS = ("widths", "depths", "batch_size", "learning_rate", "weight_decay", "max_train_steps", "eval_every", "patience")
 
 
-def main(args):
+def resolve_config(args, train_count):
+    """The preset's classifier settings under the user's flags, steps from --num_epochs when given."""
     if args.max_train_steps is not None and args.num_epochs is not None:
         raise UsageError("give --max_train_steps or --num_epochs, not both")
-    explicit_steps = args.max_train_steps is not None
-    resolve_preset(args, "classifier")
+    values, _ = resolve_preset("classifier", args.preset, vars(args))
+    if args.num_epochs is not None:
+        values["max_train_steps"] = args.num_epochs * math.ceil(train_count / values["batch_size"])
     for name in ("resolution", "max_train_steps", "batch_size"):
-        if getattr(args, name) < 1:
+        if values[name] < 1:
             raise UsageError(f"--{name} must be at least 1")
     if args.num_epochs is not None and args.num_epochs < 1:
         raise UsageError("--num_epochs must be at least 1")
+    return Config(values)
+
+
+def main(args):
     data_dir = check_data_dir(args.data_dir)
-    manifest = DatasetManifest.load(args.manifest) if args.manifest else build_manifest(data_dir)
-    manifest.check_users_match(data_dir)
-    output_dir = output_folder(args.output_dir, args.overwrite)
-    device = resolve_device(args.device)
+    manifest = stage_manifest(args, data_dir)
     train_count = len(manifest.samples("train"))
-    if args.num_epochs is not None and not explicit_steps:
-        args.max_train_steps = args.num_epochs * math.ceil(train_count / args.batch_size)
-    settings = {name: getattr(args, name) for name in SETTINGS}
-    print(f"classifier: {manifest.num_users} users, {train_count} train images at {args.resolution}x{args.resolution}, "
-          f"ResNet widths {settings['widths']} depths {settings['depths']}, up to {args.max_train_steps} steps "
-          f"of {args.batch_size}, seed {args.seed}, {device}")
-    if args.dry_run:
-        print(json.dumps(vars(args), indent=2, default=str))
+    config = resolve_config(args, train_count)
+    output_dir = output_folder(config.output_dir, config.overwrite)
+    device = resolve_device(config.device)
+    settings = config.pick(*SETTINGS)
+    split = (f"--manifest {config.manifest}" if config.manifest else
+             f"a new split of --data_dir (seed {manifest.seed}, val {manifest.val_fraction:g}, test "
+             f"{manifest.test_fraction:g}); give --manifest to use a trained model's split")
+    print(f"classifier: {manifest.num_users} users, {train_count} train images at {config.resolution}x{config.resolution}, "
+          f"ResNet widths {settings['widths']} depths {settings['depths']}, up to {config.max_train_steps} steps "
+          f"of {config.batch_size}, seed {config.seed}, {device}\n  split: {split}")
+    if config.dry_run:
+        print(json.dumps(config.to_dict(), indent=2, default=str))
         return 0
 
     started = time.perf_counter()
-    train, val, test = (clf.load_split(data_dir, manifest, s, args.resolution) for s in ("train", "val", "test"))
-    model, history = clf.train_classifier(train, val, manifest.users, settings, args.seed, device)
+    train, val, test = (clf.load_split(data_dir, manifest, s, config.resolution) for s in ("train", "val", "test"))
+    model, history = clf.train_classifier(train, val, manifest.users, settings, config.seed, device)
     test_accuracy = clf.accuracy(model, *test)
-    info = {"arguments": vars(args), "resolution": args.resolution, "seed": args.seed, "settings": settings,
+    info = {"arguments": config.to_dict(), "resolution": config.resolution, "seed": config.seed, "settings": settings,
             "data_dir": str(data_dir), "counts": {s: len(x[1]) for s, x in zip(("train", "val", "test"), (train, val, test))},
             "test_accuracy": test_accuracy, "seconds": time.perf_counter() - started, **history}
     clf.save_classifier(model.cpu(), output_dir, manifest, info)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from utils.cli import UsageError
 from utils.data_loader import MANIFEST_NAME, DatasetManifest, is_image_file, load_rgb, natural_key, pil_to_array
 from utils.files import atomic_folder
+from utils.augment import roll_time
 from utils.training import adamw
 
 TRAINING_INFO = "training.json"
@@ -126,14 +127,6 @@ def accuracy(model, images_uint8, labels):
     return (logits.argmax(1) == labels).float().mean().item()
 
 
-def roll_time(images, generator):
-    """Shift each spectrogram circularly along time (the width): the same walk recorded a
-    little earlier or later. Never flipped: a mirrored Doppler axis is another motion."""
-    shifts = torch.randint(0, images.shape[-1], (len(images),), generator=generator)
-    columns = (torch.arange(images.shape[-1]) - shifts[:, None]) % images.shape[-1]  # (B, W)
-    return torch.gather(images, 3, columns[:, None, None, :].expand_as(images).to(images.device))
-
-
 def train_classifier(train, val, users, settings, seed, device="cpu", desc="classifier", progress=True):
     """Train from scratch on `train` = (uint8 images, labels); keep the weights with the
     best accuracy on `val` (evaluated every `eval_every` steps), stop after `patience`
@@ -143,7 +136,7 @@ def train_classifier(train, val, users, settings, seed, device="cpu", desc="clas
         raise UsageError(f"{desc}: no training images")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    # Channels-last layout, the one oneDNN and tensor cores prefer: a quick-preset step 0.048 -> 0.039 s on the 2-core CPU.
+    # Channels-last: the layout oneDNN and tensor cores prefer (faster steps, docs/experiments.md).
     model = build_classifier(users, settings["widths"], settings["depths"]).to(device).to(memory_format=torch.channels_last)
     optimizer = adamw(model.parameters(), lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
     max_steps, warmup = settings["max_train_steps"], max(1, settings["max_train_steps"] // 10)
@@ -190,10 +183,9 @@ def train_classifiers(jobs, users, settings, device="cpu", processes=None):
     """Trained models for independent jobs [(train, val, seed, description)], in order.
 
     On a CPU they train side by side, one process of one thread per core: these small
-    convolutions use two threads poorly (2-core CPU, quick preset: 0.067 s per step in each
-    of two single-thread processes vs 0.039 s in one two-thread process). A process takes
-    ~5 s to start (imports), so by default (`processes=None`) only jobs of 2000 steps or more
-    in all are spread. On a GPU, one after another."""
+    convolutions use two threads poorly (docs/experiments.md). A process takes seconds to
+    start (imports), so by default (`processes=None`) only jobs of 2000 steps or more in all
+    are spread. On a GPU, one after another."""
     if torch.device(device).type != "cpu":
         processes = 1
     elif processes is None:

@@ -5,6 +5,7 @@ anywhere below `main`; `run` turns it into one line on stderr and exit code 2, n
 traceback. Anything else is a bug and keeps its traceback.
 """
 
+import argparse
 import logging
 import os
 import sys
@@ -17,6 +18,15 @@ def resolve_device(choice):
     if choice == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
     return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where it is None: a preset or BASE decides those."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class UsageError(Exception):

@@ -3,7 +3,7 @@ the UNet attends to through cross-attention.
 
 Row k of the embedding is the user with index k in the dataset manifest's label map
 (the whole dataset's natural-sorted folder names); row `num_users` is the null token
-that classifier-free guidance uses for the unconditional pass (DESIGN.md, pitfalls 1
+that classifier-free guidance uses for the unconditional pass (docs/design.md, pitfalls 1
 and 2). A diffusers ModelMixin, so it saves and loads as config.json + safetensors.
 """
 

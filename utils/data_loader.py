@@ -6,9 +6,13 @@ again is a `DatasetManifest`: the users in natural order (their position is the 
 the null token for classifier-free guidance is `num_users`) and a seeded, per-user
 stratified split by image. It is computed once, saved as JSON in every run folder, and
 read back by every later stage, so no stage ever re-indexes users on a subset
-(DESIGN.md, pitfall 1). The data folder itself is never written to.
+(docs/design.md). The manifest is the pipeline's first artifact: every stage takes it
+with --manifest, and a stage run without one builds the same default split
+(SPLIT_DEFAULTS) or stops when its split disagrees with a model's. The data folder
+itself is never written to.
 
-    python -m utils.data_loader --data_dir D [--resolution R]   # summary of a dataset
+    python -m utils.data_loader --data_dir D [--resolution R]        # summary of a dataset
+    python -m utils.data_loader --data_dir D --manifest_out M.json   # ... and its manifest, for every stage
 """
 
 import argparse
@@ -35,6 +39,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "dataset_manifest.json"
 MANIFEST_FORMAT_VERSION = 1
+# The split a stage makes when it is given no manifest: defined here only.
+SPLIT_DEFAULTS = {"split_seed": 0, "val_fraction": 0.1, "test_fraction": 0.2}
 # Errors PIL raises on broken files: truncated data (OSError), unknown format
 # (UnidentifiedImageError, an OSError), malformed headers (SyntaxError, ValueError).
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -242,26 +248,56 @@ class DatasetManifest:
             return list(self.users)
         return [self.resolve_user(token) for token in tokens]
 
-    def check_users_match(self, data_dir):
-        """Fail clearly when a data folder's users are not the ones this manifest maps."""
+    def check_matches(self, data_dir):
+        """Fail clearly when a data folder's users or files are not the ones this manifest lists."""
         data_dir = check_data_dir(data_dir)
-        present = {p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
-        missing = [user for user in self.users if user not in present]
+        folders = {p.name: p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        missing = [user for user in self.users if user not in folders]
         if missing:
             raise UsageError(
                 f"{data_dir} lacks users of the stored label map: {' '.join(missing)}; "
                 "use the data folder the model was trained on"
             )
+        on_disk = {name: {f"{name}/{p.name}" for p in folder.iterdir() if is_image_file(p)}
+                   for name, folder in folders.items()}
         # A user folder the map does not know would get no row: the datasets differ.
-        extra = sorted(
-            (name for name in present - set(self.users) if any(map(is_image_file, (data_dir / name).iterdir()))),
-            key=natural_key,
-        )
+        extra = sorted((name for name in set(folders) - set(self.users) if on_disk[name]), key=natural_key)
         if extra:
             raise UsageError(
                 f"{data_dir} has users the stored label map does not know: {' '.join(extra)}; "
                 "use the data folder the model was trained on, or train again on this one"
             )
+        listed = self.files() | set(self.unreadable)
+        present = set().union(*(on_disk[user] for user in self.users))
+        gone, new = sorted(listed - present, key=natural_key), sorted(present - listed, key=natural_key)
+        if gone or new:
+            problems = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                        for names, what in ((gone, "listed files are missing"), (new, "files are not in it")) if names]
+            raise UsageError(
+                f"{data_dir} does not match the dataset manifest: {'; '.join(problems)}; use the data folder the "
+                "manifest was made from, or make a new one (python -m utils.data_loader --data_dir D --manifest_out M)"
+            )
+
+    def files(self, splits=SPLITS):
+        """The relative paths of every image in the given splits."""
+        return {f"{user}/{name}" for split in splits for user, names in self.splits[split].items() for name in names}
+
+    def split_mismatch(self, other):
+        """None when both manifests map the same users and split the same files, else why not."""
+        if self.users != other.users:
+            return f"they map other users ({self.num_users} vs {other.num_users})"
+        if all(self.files([split]) == other.files([split]) for split in SPLITS):
+            return None
+        seen = self.files(("train", "val")) & other.files(["test"]) | other.files(("train", "val")) & self.files(["test"])
+        return (f"their splits differ (split seed {self.seed} vs {other.seed}, test fraction {self.test_fraction:g} "
+                f"vs {other.test_fraction:g}): {len(seen)} test images of one are training images of the other")
+
+    def require_same_split(self, other, this, that):
+        """UsageError naming both sides unless `other` splits the data as this manifest does."""
+        reason = self.split_mismatch(other)
+        if reason:
+            raise UsageError(f"{this} and {that} disagree on the dataset split: {reason}. Every stage must use one "
+                             "split, or test images leak into training; pass the same --manifest to both")
 
     def to_dict(self):
         return {
@@ -310,7 +346,8 @@ class DatasetManifest:
         return manifest
 
 
-def build_manifest(data_dir, val_fraction=0.1, test_fraction=0.2, seed=0, scan=None):
+def build_manifest(data_dir, val_fraction=SPLIT_DEFAULTS["val_fraction"], test_fraction=SPLIT_DEFAULTS["test_fraction"],
+                   seed=SPLIT_DEFAULTS["split_seed"], scan=None):
     """Scan a dataset folder and split every user's readable images."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise UsageError(
@@ -332,6 +369,38 @@ def build_manifest(data_dir, val_fraction=0.1, test_fraction=0.2, seed=0, scan=N
     )
 
 
+def add_split_arguments(parser, new_split=True):
+    """--manifest, and (with `new_split`) the flags of a new split when none is given."""
+    group = parser.add_argument_group("dataset split")
+    group.add_argument("--manifest", help="dataset_manifest.json (or a folder holding one) whose label map and split "
+                                          "to use; written by `python -m utils.data_loader --manifest_out`")
+    if new_split:
+        group.add_argument("--split_seed", type=int, help=f"without --manifest: seed of the per-user split "
+                                                          f"(default {SPLIT_DEFAULTS['split_seed']})")
+        group.add_argument("--val_fraction", type=float, help=f"without --manifest: share of each user's images for "
+                                                              f"validation (default {SPLIT_DEFAULTS['val_fraction']})")
+        group.add_argument("--test_fraction", type=float, help=f"without --manifest: share of each user's images held "
+                                                               f"out for testing (default {SPLIT_DEFAULTS['test_fraction']})")
+    return group
+
+
+def stage_manifest(args, data_dir, scan=None):
+    """The manifest a stage works with: --manifest when given, else a new split of
+    `data_dir` from the split flags (SPLIT_DEFAULTS where unset); checked against the data."""
+    given = {name: getattr(args, name) for name in SPLIT_DEFAULTS if getattr(args, name, None) is not None}
+    if getattr(args, "manifest", None):
+        if given:
+            raise UsageError(f"--manifest gives a stored split; {' '.join('--' + n for n in given)} would make a new "
+                             "one: give one or the other")
+        manifest = DatasetManifest.load(args.manifest)
+    else:
+        settings = {**SPLIT_DEFAULTS, **given}
+        manifest = build_manifest(data_dir, settings["val_fraction"], settings["test_fraction"],
+                                  settings["split_seed"], scan=scan)
+    manifest.check_matches(data_dir)
+    return manifest
+
+
 def pil_to_array(image, resolution):
     """An RGB PIL image as a (3, R, R) uint8 tensor; the one resize every image goes through."""
     if image.size != (resolution, resolution):
@@ -349,8 +418,8 @@ class SpectrogramDataset(torch.utils.data.Dataset):
     the next readable item, so an epoch never crashes halfway.
 
     Decoded, resized images stay in memory as uint8, up to `cache_bytes` per dataset: a
-    trainer reads every image once per epoch, and decoding plus resizing a 256x256 PNG
-    (~5 ms on the 2-core CPU) is a tenth of a quick VAE step.
+    trainer reads every image once per epoch, and decoding plus resizing a PNG costs a
+    noticeable share of a quick VAE step.
     """
 
     cache_bytes = 2 * 1024**3
@@ -398,7 +467,8 @@ def format_summary(scan, manifest, resolution):
     lines = [
         f"dataset {scan.data_dir}",
         f"{manifest.num_users} users, {sum(len(f) for f in scan.files.values())} readable images "
-        f"(split seed {manifest.seed}: val {manifest.val_fraction:g}, test {manifest.test_fraction:g})",
+        f"(split seed {manifest.seed}: val {manifest.val_fraction:g}, test {manifest.test_fraction:g}; "
+        f"train {len(manifest.files(['train']))}, val {len(manifest.files(['val']))}, test {len(manifest.files(['test']))})",
         "",
         f"{'label':>5}  {'user':<24} {'number':>6} {'images':>6} {'train':>6} {'val':>5} {'test':>5}",
     ]
@@ -428,10 +498,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--data_dir", required=True, help="folder with one subfolder of images per user (ID_1/, user_01/, alice/ ...)")
     parser.add_argument("--resolution", type=int, default=256, help="side length images are resized to when loaded (default 256)")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="share of each user's images for validation (default 0.1)")
-    parser.add_argument("--test_fraction", type=float, default=0.2, help="share of each user's images held out for testing (default 0.2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the per-user split (default 0)")
-    parser.add_argument("--manifest_out", help="also write the dataset manifest JSON to this path (outside the data folder)")
+    add_split_arguments(parser)
+    parser.add_argument("--manifest_out", help="also write the dataset manifest JSON to this path (outside the data "
+                                               "folder): the stage-0 artifact every stage takes with --manifest")
     parser.add_argument("--grid", help="also write an overview PNG: the first images of the first users, one row each")
     parser.add_argument("--grid_users", type=int, default=4, help="users (rows) in --grid (default 4)")
     parser.add_argument("--grid_images", type=int, default=4, help="images per user (columns) in --grid (default 4)")
@@ -456,7 +525,7 @@ def main(args):
     if args.grid_users < 1 or args.grid_images < 1:
         raise UsageError("--grid_users and --grid_images must be at least 1")
     scan = scan_dataset(data_dir)
-    manifest = build_manifest(data_dir, args.val_fraction, args.test_fraction, args.seed, scan=scan)
+    manifest = stage_manifest(args, data_dir, scan=scan)
     # Loading one image proves the whole path from file to tensor works at this resolution.
     SpectrogramDataset(data_dir, manifest, "train", args.resolution)[0]
     print(format_summary(scan, manifest, args.resolution))

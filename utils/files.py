@@ -1,5 +1,6 @@
 """Writing files so that a reader never sees half of one."""
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -43,6 +44,12 @@ def atomic_folder(path):
         tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path, data):
+    """`data` as indented UTF-8 JSON, written atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
 def output_folder(path, overwrite, flag="--output_dir"):

@@ -3,6 +3,7 @@
 Every function returns one value per image, so callers can average per user.
 """
 
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -41,22 +42,28 @@ def lpips_backbone_path(net="alex"):
     return Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
 
 
-def load_lpips(net="alex", random_backbone=False):
-    """The LPIPS metric with its real ImageNet backbone, frozen, in eval mode.
-
-    Raises LpipsUnavailable with what to do when the backbone file is absent (it is not
-    downloaded here: offline machines would hang). `random_backbone=True` gives LPIPS with
-    an untrained backbone, for tests only: its numbers mean nothing.
-    """
-    if not random_backbone and not lpips_backbone_path(net).exists():
+def check_lpips(net="alex"):
+    """Raise LpipsUnavailable, saying what to do, unless the lpips package and its backbone
+    weights are both here (they are never downloaded: an offline machine would hang)."""
+    if not lpips_backbone_path(net).exists():
         raise LpipsUnavailable(
             f"LPIPS backbone weights {lpips_backbone_path(net)} are missing: run `python install_lpips.py` "
             f"(or `python install_lpips.py --weights FILE` offline), or set --perceptual_weight 0"
         )
-    try:
-        import lpips
-    except ImportError:
-        raise LpipsUnavailable("the lpips package is not installed: run `python install_lpips.py`") from None
+    if importlib.util.find_spec("lpips") is None:
+        raise LpipsUnavailable("the lpips package is not installed: run `python install_lpips.py`")
+
+
+def load_lpips(net="alex", random_backbone=False):
+    """The LPIPS metric with its real ImageNet backbone, frozen, in eval mode.
+
+    Raises LpipsUnavailable (see `check_lpips`) when it cannot. `random_backbone=True` gives LPIPS with
+    an untrained backbone, for tests only: its numbers mean nothing.
+    """
+    if not random_backbone:
+        check_lpips(net)
+    import lpips
+
     with warnings.catch_warnings():
         # lpips 0.1.4 calls torchvision with the deprecated `pretrained=` argument.
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")

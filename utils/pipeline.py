@@ -11,6 +11,7 @@ the images, so any one image can be regenerated alone.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,12 +21,44 @@ from diffusers.utils import BaseOutput
 from utils.cli import UsageError
 from utils.condition_encoder import UserConditionEncoder
 from utils.data_loader import MANIFEST_NAME, DatasetManifest
+from utils.files import atomic_folder, write_json
 from utils.image_grid import to_pil
 from utils.sampling import DEFAULT_SAMPLER, GENERATOR_INFO, SAMPLERS, decode_latents, make_sampler, sample_latents
 from utils.vae import load_vae
 
 MODEL_PARTS = ("vae/config.json", "unet/config.json", "condition_encoder/config.json",
                "scheduler/scheduler_config.json", GENERATOR_INFO, MANIFEST_NAME)
+
+
+def save_generator(denoiser, noise_scheduler, config, manifest, folder):
+    """A stage-2 final_model: everything generation needs, loadable without the data folder.
+
+    vae/ (the stage-1 final_model, copied), unet/ and condition_encoder/ (save_pretrained),
+    condition_encoder.pt (plain state_dict, for the original three-path command),
+    scheduler/, generator.json (label map, null index, latent scaling and shape,
+    resolution, sampling defaults) and the dataset manifest. `config` is the resolved
+    stage-2 configuration; `denoiser` holds the weights to ship (EMA's, when used)."""
+    with atomic_folder(folder) as partial:
+        shutil.copytree(config.vae_path, partial / "vae")
+        denoiser.unet.save_pretrained(partial / "unet", safe_serialization=True)
+        denoiser.condition_encoder.save_pretrained(partial / "condition_encoder", safe_serialization=True)
+        torch.save(denoiser.condition_encoder.state_dict(), partial / "condition_encoder.pt")
+        noise_scheduler.save_pretrained(partial / "scheduler")
+        write_json(partial / GENERATOR_INFO, {
+            "users": manifest.users,
+            "label_map": manifest.label_map,
+            "num_users": manifest.num_users,
+            "null_index": manifest.null_index,
+            "resolution": config.resolution,
+            "latent_shape": list(config.latent_shape),
+            "scaling_factor": config.latent_scaling_factor,
+            "prediction_type": config.prediction_type,
+            "guidance_scale": config.guidance_scale,
+            "num_inference_steps": config.num_inference_steps,
+            "ema": bool(config.use_ema),
+        })
+        manifest.save(partial / MANIFEST_NAME)
+    return Path(folder)
 
 
 class UserImagesOutput(BaseOutput):

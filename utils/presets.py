@@ -1,8 +1,9 @@
-"""Named presets for every stage, in one registry.
+"""Named presets for every stage, in one registry, and the resolved configuration.
 
 A preset fills only the flags the user left unset: every preset-controlled flag has
 `default=None` in its parser, `resolve_preset` fills the Nones from the preset and then
-from `BASE`, and the result is written to the run folder's config.json.
+from `BASE`; each stage then decides its `auto` values once and freezes the result in a
+`Config`, which is written to the run folder's config.json.
 
     tiny      tests and smoke runs: a few thousand parameters, seconds on a CPU
     quick     a 2-core CPU: 64x64 images, minutes
@@ -32,43 +33,26 @@ PRESETS = {
         "pipeline": dict(num_users=3, images_per_user=12, resolution=32, images_to_generate=4, min_psnr=0.0),
     },
     "quick": {
-        # Measured on the simulated 31-user set, 2-core CPU, 600 steps (~9 min), test split:
-        #   latent 8,  freq 0.1:  PSNR 21.50 dB (+1.73 over a 2x bicubic round trip), identity kept 75.1%
-        #   + patch discriminator (0.5 from step 200): 21.44 dB, 74.4%, and 30% slower steps
-        #   latent 16, freq 0.1:  21.97 dB (+2.20), 78.4%
-        #   latent 16, freq 1.0:  22.33 dB (+2.57), 91.0%  <- the spectrum term restores the speckle texture
-        #                         (84.3% with classifier seed 1 instead of 0)
-        # (MSE beat L1 by 1.5 dB.) 450 steps instead: 21.27 dB (+1.50), below the target.
-        # bf16 autocast on a CPU with bf16 units (AMX here): 21.89 dB (+2.12) in 7.5 min instead of
-        # 10, so the preset asks for `auto` precision (full precision where bf16 would be emulated).
+        # Spectrum term at weight 1 and 16 latent channels: the speckle texture survives (docs/experiments.md).
         "vae": dict(
             resolution=64, block_out_channels=(32, 64, 128), layers_per_block=1, latent_channels=16, norm_num_groups=32,
             pixel_loss="mse", freq_weight=1.0, batch_size=16, learning_rate=2e-3, max_train_steps=600, warmup_steps=100,
             checkpointing_steps=200, validation_steps=200, num_validation_images=8, latent_stats_images=2000,
             mixed_precision="auto",
         ),
-        # Same VAE and data, 620 generated images (20 per user, guidance 3, bf16), one saved real-train
-        # classifier (59.6% on real test): batch 32 x 1000 steps 31.0% in 692 s; batch 16 x 1600 steps
-        # 40.2% in 658 s; batch 16 x 2000 steps 49.8% in 799 s. On 2 cores a batch of 16 costs 0.37 s and
-        # one of 32 0.6 s, so more, smaller steps learn more per second. (Adding the user's token to the
-        # timestep embedding as well as cross-attention: 32.7%, not worth a second conditioning path.)
+        # Batch 16: on 2 cores more, smaller steps learn more identity per second (docs/experiments.md).
         "diffusion": dict(
             block_out_channels=(64, 128, 128), layers_per_block=1, attention_head_dim=8, norm_num_groups=32,
             cross_attention_dim=128, num_condition_tokens=4, batch_size=16, learning_rate=1e-3, max_train_steps=1600,
             warmup_steps=100, checkpointing_steps=400, validation_steps=800, validation_users=8, validation_seeds=4,
             num_inference_steps=25,
         ),
-        # Real-test accuracy on the simulated set, seed 0, 2-core CPU: the classifier learns the
-        # coarse gait pattern first, so 32x32 gives more accuracy per second than 64x64:
-        #   64x64: 600 steps 62.3% in 66 s;  32x32: 600 steps 60.9% in 29 s, 1200 steps 67.5% in 49 s
+        # 32x32: the coarse gait pattern first, more accuracy per second than 64x64 (docs/experiments.md).
         "classifier": dict(
             resolution=32, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1), batch_size=64, learning_rate=2e-3,
             weight_decay=5e-4, max_train_steps=500, eval_every=50, patience=4,
         ),
-        # 3 + 3 + 3 + 2 x 5 classifiers, two at a time on the 2-core CPU (~27 s each): about 6 min with the
-        # VAE reconstructions in run_pipeline.py. Gain at 10 per user with 5 paired seeds: +7.1 points,
-        # 95% CI [+1.8, +12.3] (the batch-16 diffusion model). On the earlier 1000-step model 5 seeds gave
-        # [-2.1, +7.5] and 8 seeds [+1.1, +7.3], for 73-140 s more: `--gain_seeds 8` narrows it when time allows.
+        # 5 paired gain seeds: about 6 minutes on 2 cores; `--gain_seeds 8` narrows the interval when time allows.
         "evaluation": dict(budgets=(10,), num_seeds=3, gain_seeds=5),
         "pipeline": dict(num_users=31, images_per_user=150, resolution=256, images_to_generate=20, min_psnr=20.0),
     },
@@ -101,25 +85,58 @@ BASE = {
         kl_weight=1e-4, perceptual_weight="auto", freq_weight=0.1, pixel_loss="l1", gradient_accumulation_steps=1,
         disc_weight=0.0, disc_start=0, disc_channels=64, disc_layers=3,
         num_epochs=None, max_train_steps=None, max_grad_norm=1.0, checkpoints_total_limit=3,
-        mixed_precision="no", weight_decay=0.0,
+        mixed_precision="no", weight_decay=0.0, use_augmentation=False, num_workers=0, seed=0, report_to="none",
     ),
     "diffusion": dict(
         num_train_timesteps=1000, prediction_type="epsilon", snr_gamma=5.0, condition_dropout=0.1,
         gradient_accumulation_steps=1, num_epochs=None, max_train_steps=None, max_grad_norm=1.0, weight_decay=1e-2,
         mixed_precision="no", use_ema=True, ema_decay=0.9999, checkpoints_total_limit=3, guidance_scale=3.0,
+        use_augmentation=False, seed=0, report_to="none",
     ),
 }
 
 PRESET_NAMES = tuple(PRESETS)
 
 
-def resolve_preset(args, stage):
-    """Fill the None attributes of `args` from the preset, then from BASE. Returns the
-    names of the flags the preset (or BASE) decided, for the banner and config.json."""
-    decided = []
-    for source in (PRESETS[args.preset][stage], BASE.get(stage, {})):
+def resolve_preset(stage, preset, given):
+    """The settings of `stage`: the user's values (`given`, None = unset) over the preset's,
+    over BASE. Returns (values, the names the preset or BASE decided)."""
+    values, decided = dict(given), []
+    for source in (PRESETS[preset][stage], BASE.get(stage, {})):
         for name, value in source.items():
-            if getattr(args, name, None) is None and value is not None:
-                setattr(args, name, list(value) if isinstance(value, tuple) else value)
+            if values.get(name) is None and value is not None:
+                values[name] = list(value) if isinstance(value, tuple) else value
                 decided.append(name)
-    return decided
+    return values, decided
+
+
+class Config:
+    """A stage's configuration once resolved (flags, preset, BASE, every `auto` decided):
+    read by attribute, never changed afterwards, written to the run folder as config.json."""
+
+    def __init__(self, values):
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"no setting {name!r} in this configuration") from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the configuration is read-only once resolved (tried to set {name!r})")
+
+    def __getstate__(self):
+        return self._values
+
+    def __setstate__(self, values):
+        object.__setattr__(self, "_values", values)
+
+    def pick(self, *names):
+        """The named settings as keyword arguments."""
+        return {name: self._values[name] for name in names}
+
+    def to_dict(self):
+        return dict(self._values)

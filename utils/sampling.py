@@ -11,11 +11,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 GENERATOR_INFO = "generator.json"  # in a stage-2 final_model: label map, null index, latent scaling and shape
 # name -> (scheduler class, its default number of steps, options)
 SAMPLERS = {
-    # The default. Measured on the 2400-step quick model (31 users x the same 2 seeds, guidance 3, the
-    # evaluation's classifier): identity accuracy 62.9% at 25 steps vs 46.8% for the ODE
-    # dpmsolver at 25 (48.4% at 50, 43.5% at 100; ddim 50 and euler 30 46.8%) and 66.1% for
-    # 1000-step DDPM: the fresh noise of a stochastic sampler corrects what the deterministic
-    # ones carry along.
+    # The default: the fresh noise of a stochastic sampler corrects what the deterministic ones
+    # carry along, and it kept more identity than the ODE solvers (docs/experiments.md).
     "dpmsolver_sde": (DPMSolverMultistepScheduler, 25, {"algorithm_type": "sde-dpmsolver++"}),
     "dpmsolver": (DPMSolverMultistepScheduler, 25, {"algorithm_type": "dpmsolver++"}),
     "ddim": (DDIMScheduler, 50, {}),
@@ -27,10 +24,9 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
 def inference_dtype(choice, device):
-    """The weights' torch dtype for --dtype. `auto` is bf16 where the device
-    computes it natively (a GPU with bf16; a CPU with AMX or AVX512-BF16, where the quick UNet's
-    batch-128 forward takes 0.27 s instead of 0.61 s on the 2-core CPU), else fp32. fp16 is for
-    GPUs only: CPUs have no fast fp16 convolutions."""
+    """The weights' torch dtype for --dtype. `auto` is bf16 where the device computes it
+    natively (a GPU with bf16; a CPU with AMX or AVX512-BF16), else fp32 (emulated bf16 is
+    slower). fp16 is for GPUs only: CPUs have no fast fp16 convolutions."""
     from utils.cli import UsageError
     from utils.training import computes_bf16
 

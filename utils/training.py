@@ -1,5 +1,6 @@
-"""Run-folder mechanics shared by every trainer: accelerator, config.json, metrics log,
-atomic rotated checkpoints, resume, data order and curves.
+"""What every trainer shares: the accelerator, config.json, the metrics log, atomic rotated
+checkpoints, resume, the data order, curves, and the training loop itself (`train_loop`),
+into which each trainer plugs its step and its validation.
 
 A run folder:
 
@@ -17,12 +18,14 @@ import json
 import math
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from utils.cli import RunFailed, UsageError
-from utils.files import atomic_path
+from utils.cli import RunFailed, UsageError, resolve_device
+from utils.files import atomic_path, write_json
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)$")
 TRAINING_STATE = "training_state.json"
@@ -51,10 +54,55 @@ def resolve_precision(choice, cpu):
     return "no" if cpu else "fp16"
 
 
+def add_training_arguments(parser, items):
+    """The flags both trainers share, in their "optimisation" and "run folder" groups
+    (returned, for each trainer's own flags); `items` names what a batch holds."""
+    opt = parser.add_argument_group("optimisation (preset)")
+    opt.add_argument("--batch_size", type=int, help=f"{items} per process per step")
+    opt.add_argument("--num_epochs", type=int, help="epochs, when --max_train_steps is not given")
+    opt.add_argument("--max_train_steps", type=int, help="optimiser steps; overrides --num_epochs")
+    opt.add_argument("--learning_rate", type=float)
+    opt.add_argument("--warmup_steps", type=int, help="linear warmup, in optimiser steps")
+    opt.add_argument("--weight_decay", type=float)
+    opt.add_argument("--max_grad_norm", type=float, help="gradient clipping norm")
+    opt.add_argument("--gradient_accumulation_steps", type=int)
+    opt.add_argument("--mixed_precision", choices=["no", "fp16", "bf16", "auto"],
+                     help="auto: bf16 where the CPU or GPU computes it natively, else fp16 on a GPU, no on a CPU")
+    opt.add_argument("--use_augmentation", action="store_true", default=None,
+                     help=f"random circular time shifts of the {items} (never Doppler flips)")
+    run_group = parser.add_argument_group("run folder")
+    run_group.add_argument("--checkpointing_steps", type=int, help="save the full training state every N steps")
+    run_group.add_argument("--checkpoints_total_limit", type=int, help="keep the newest N checkpoints")
+    run_group.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder")
+    run_group.add_argument("--validation_steps", type=int, help="validate every N steps")
+    run_group.add_argument("--report_to", choices=["none", "tensorboard", "wandb"], help="experiment tracker (default none)")
+    return opt, run_group
+
+
+def check_optimisation(values):
+    """Usage errors in the shared optimisation settings of a resolved stage configuration."""
+    for name in ("batch_size", "gradient_accumulation_steps"):
+        if values[name] < 1:
+            raise UsageError(f"--{name} must be at least 1")
+    if values["learning_rate"] <= 0:
+        raise UsageError(f"--learning_rate must be positive, got {values['learning_rate']}")
+    if not (values["max_train_steps"] or values["num_epochs"]):
+        raise UsageError("give --max_train_steps or --num_epochs")
+
+
+def resolve_hardware(device, mixed_precision):
+    """(device type, precision) for --device auto|cpu|cuda and --mixed_precision, every
+    `auto` decided; fp16 on a CPU is a usage error."""
+    device_type = resolve_device(device).type
+    precision = resolve_precision(mixed_precision, cpu=device_type == "cpu")
+    if device_type == "cpu" and precision == "fp16":
+        raise UsageError("--mixed_precision fp16 needs a GPU; use no or bf16 on the CPU")
+    return device_type, precision
+
+
 def adamw(parameters, **kwargs):
     """torch's AdamW with its fused kernel (one pass over every parameter) where this torch
-    has one for the parameters' device: CUDA, and the CPU from torch 2.4. Measured on the
-    2-core CPU: quick UNet step 0.59 -> 0.51 s, quick VAE (bf16) 0.71 -> 0.65 s."""
+    has one for the parameters' device: CUDA, and the CPU from torch 2.4."""
     parameters = list(parameters)
     try:
         return torch.optim.AdamW(parameters, fused=True, **kwargs)
@@ -62,32 +110,29 @@ def adamw(parameters, **kwargs):
         return torch.optim.AdamW(parameters, **kwargs)
 
 
-def make_accelerator(args, project_dir):
-    """An Accelerator for --device auto|cpu|cuda and --mixed_precision (`auto` is resolved
-    here, in args, so the banner and config.json show what ran)."""
+def cosine_schedule(optimizer, warmup_steps, max_steps, num_processes):
+    """Linear warmup then cosine decay, in optimiser steps. A prepared scheduler advances
+    once per process per optimiser step, hence the scaling."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler("cosine", optimizer, num_warmup_steps=warmup_steps * num_processes,
+                         num_training_steps=max_steps * num_processes)
+
+
+def make_accelerator(device, mixed_precision, gradient_accumulation_steps, report_to, project_dir):
+    """An Accelerator for a resolved device type ("cpu" or "cuda") and precision."""
     from accelerate import Accelerator
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA GPU is visible; use --device cpu or auto")
-    cpu = args.device == "cpu" or not torch.cuda.is_available()
-    args.mixed_precision = resolve_precision(args.mixed_precision, cpu)
-    if cpu and args.mixed_precision == "fp16":
-        raise UsageError("--mixed_precision fp16 needs a GPU; use no or bf16 on the CPU")
-    log_with = None if args.report_to == "none" else args.report_to
+    log_with = None if report_to == "none" else report_to
     if log_with and importlib.util.find_spec(log_with) is None:
         raise UsageError(f"--report_to {log_with} needs the {log_with} package: pip install {log_with}")
     return Accelerator(
-        cpu=cpu,
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        cpu=device == "cpu",
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=log_with,
         project_dir=str(project_dir),
     )
-
-
-def write_json(path, data):
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
 class MetricsLog:
@@ -245,12 +290,12 @@ def epoch_batches(accelerator, loader, epoch, skip=0):
     return skipping
 
 
-def total_steps(args, batches_per_epoch):
-    """Optimiser steps of a run: --max_train_steps, else --num_epochs worth of them."""
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
-    if args.max_train_steps:
-        return args.max_train_steps, steps_per_epoch
-    return args.num_epochs * steps_per_epoch, steps_per_epoch
+def total_steps(max_train_steps, num_epochs, batches_per_epoch, gradient_accumulation_steps):
+    """(optimiser steps of a run, steps per epoch): --max_train_steps, else --num_epochs worth."""
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / gradient_accumulation_steps))
+    if max_train_steps:
+        return max_train_steps, steps_per_epoch
+    return num_epochs * steps_per_epoch, steps_per_epoch
 
 
 def resume_point(output_dir, resume):
@@ -265,25 +310,95 @@ def resume_point(output_dir, resume):
     return resume_from
 
 
-def write_run_config(accelerator, output_dir, args, max_steps, tracker_name, **extra):
-    """config.json (every resolved argument plus `extra`), and the trackers when asked.
-    Main process only; returns the config."""
-    config = {**vars(args), **extra, "num_processes": accelerator.num_processes}
-    config["effective_batch_size"] = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    config["max_train_steps_resolved"] = max_steps
-    write_json(Path(output_dir) / "config.json", config)
-    if args.report_to != "none":
+def write_run_config(accelerator, output_dir, config, max_steps, tracker_name, **extra):
+    """config.json (the resolved configuration plus the run's facts), and the trackers when
+    asked. Main process only; returns what was written."""
+    written = {**config.to_dict(), **extra, "num_processes": accelerator.num_processes}
+    written["effective_batch_size"] = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    written["max_train_steps_resolved"] = max_steps
+    write_json(Path(output_dir) / "config.json", written)
+    if config.report_to != "none":
         # Trackers take scalar hyperparameters only.
-        scalars = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
+        scalars = {k: v for k, v in written.items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(tracker_name, config=scalars)
-    return config
+    return written
 
 
-def check_finite(loss, step, output_dir):
-    """Stop with a clear message on a NaN/inf loss; the last checkpoint stays intact."""
+class NonFiniteLoss(Exception):
+    """A NaN or infinite loss; `train_loop` turns it into a RunFailed that names the step."""
+
+
+def optimise(accelerator, loss, parameters, optimizer, lr_scheduler=None, max_grad_norm=None):
+    """One backward pass and (when gradients sync) optimiser step, inside accelerate's
+    accumulate context. A non-finite loss stops before it touches the weights."""
     if not torch.isfinite(loss):
+        raise NonFiniteLoss(loss.item())
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm:
+        accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    if lr_scheduler is not None:
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def start_run(accelerator, output_dir, resume_from):
+    """(first step, metrics log): the step of the checkpoint resumed from (0 for a new run),
+    with whatever a killed run logged after it forgotten."""
+    step = load_checkpoint(accelerator, resume_from)["step"] if resume_from is not None else 0
+    metrics = MetricsLog(accelerator, output_dir)
+    metrics.truncate_after(step)
+    return step, metrics
+
+
+def train_loop(accelerator, loader, train_step, *, modules, lr_scheduler, metrics, output_dir, start_step, max_steps,
+               steps_per_epoch, gradient_accumulation_steps, checkpointing_steps, checkpoints_total_limit,
+               validation_steps, validate, curve_keys, desc):
+    """The optimiser-step loop every trainer runs, from `start_step` to `max_steps`.
+
+    `train_step(batch, step)` runs forward, loss and `optimise` for one batch inside
+    accelerate's accumulate context over `modules`, and returns the logged terms (with
+    "loss"). The loop owns the rest: the epoch order on resume, the gradient-sync gate,
+    the metrics log and progress bar, checkpoints every `checkpointing_steps` and at the
+    end, `validate(step)` on the main process every `validation_steps` (its returned line
+    is printed) with the curves redrawn, the stop on a non-finite loss, and the save on
+    Ctrl-C. Returns the last step."""
+    step = last_saved = start_step
+    progress = tqdm(total=max_steps, initial=step, desc=desc, disable=not accelerator.is_main_process)
+    try:
+        while step < max_steps:
+            epoch, done_in_epoch = divmod(step, steps_per_epoch)
+            for batch in epoch_batches(accelerator, loader, epoch, done_in_epoch * gradient_accumulation_steps):
+                with accelerator.accumulate(*modules):
+                    terms = train_step(batch, step)
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                values = {name: value.item() if torch.is_tensor(value) else float(value) for name, value in terms.items()}
+                lr = lr_scheduler.get_last_lr()[0]
+                metrics.log(step, lr=lr, **values)
+                progress.update(1)
+                progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
+                if step % checkpointing_steps == 0 or step == max_steps:
+                    save_checkpoint(accelerator, output_dir, step, checkpoints_total_limit)
+                    last_saved = step
+                if accelerator.is_main_process and (step % validation_steps == 0 or step == max_steps):
+                    progress.write(validate(step))
+                    plot_curves(metrics.read(), Path(output_dir) / "logs" / "curves.png", curve_keys)
+                accelerator.wait_for_everyone()
+                if step >= max_steps:
+                    break
+    except NonFiniteLoss as error:
         saved = checkpoints(output_dir)
         raise RunFailed(
-            f"loss became {loss.item()} at step {step}; the last good checkpoint is "
+            f"loss became {error.args[0]} at step {step}; the last good checkpoint is "
             f"{saved[-1] if saved else 'none'}; try a lower --learning_rate or --mixed_precision no"
-        )
+        ) from None
+    except KeyboardInterrupt:
+        if step > last_saved:
+            save_checkpoint(accelerator, output_dir, step, checkpoints_total_limit)
+            print(f"\ninterrupted: saved step {step}; resume with --resume_from_checkpoint latest", file=sys.stderr)
+        raise
+    finally:
+        progress.close()
+    return step
