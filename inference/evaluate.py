@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="the VAE's weights for the reconstructions: auto = bf16 where the device computes it natively "
-                        "(faster there, and the same PSNR to 1e-4 dB), else fp32")
+                        "(faster there, the same PSNR: docs/experiments.md), else fp32")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     group = add_split_arguments(p)
     group.description = ("default: the split of the model that generated the images; a --manifest must agree with it. "

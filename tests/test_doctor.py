@@ -1,11 +1,11 @@
-"""ultimate_fix_kaggle.py: the environment doctor, on this machine and on faked version sets."""
+"""ultimate_fix_kaggle.py (utils/doctor.py): the environment doctor, on this machine and on faked version sets."""
 
 import importlib.metadata
 
 import pytest
 
-import ultimate_fix_kaggle as doctor
 from conftest import run_cli
+from utils import doctor
 
 HEALTHY = {
     "torch": "2.14.1", "torchvision": "0.29.1", "diffusers": "0.42.1", "transformers": "5.24.0",
@@ -48,7 +48,7 @@ def test_fix_prints_commands_and_exits_1_without_running_them(monkeypatch, capsy
     monkeypatch.setattr(doctor, "installed_versions", lambda: broken(torch="2.1.2", torchvision="0.15.2"))
     ran = []
     monkeypatch.setattr(doctor, "run_pip", lambda command: ran.append(command) or 0)
-    assert doctor.main(doctor.parse_args(["--fix"])) == 1
+    assert doctor.diagnose(fix=True) == 1
     out = capsys.readouterr().out
     assert "PROBLEM: torchvision 0.15.2" in out and "PROBLEM: numpy" in out
     assert 'fix: ' in out and '"torchvision==0.16.*"' in out and '"numpy<2"' in out and ran == []
@@ -58,6 +58,6 @@ def test_fix_yes_runs_the_single_pip_command(monkeypatch, capsys):
     monkeypatch.setattr(doctor, "installed_versions", lambda: broken(torchvision="0.20.0"))
     ran = []
     monkeypatch.setattr(doctor, "run_pip", lambda command: ran.append(command) or 0)
-    assert doctor.main(doctor.parse_args(["--fix", "--yes"])) == 1  # fixed, but only a fresh process can confirm
+    assert doctor.diagnose(fix=True, yes=True) == 1  # fixed, but only a fresh process can confirm
     assert len(ran) == 1 and ran[0][-1] == "torchvision==0.29.*"
     assert "run this doctor again" in capsys.readouterr().out

@@ -107,7 +107,8 @@ def build_classifier(users, widths, depths):
 @torch.no_grad()
 def predict(model, images_uint8, batch_size=256):
     """Logits (N, users) and pooled features (N, C) of uint8 images, in eval mode."""
-    model.eval()
+    # One layout for every model (trained here, in a worker, or reloaded): one kernel path, one answer.
+    model.eval().to(memory_format=torch.channels_last)
     device = next(model.parameters()).device
     logits, features = [], []
     for start in range(0, len(images_uint8), batch_size):
