@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 # The torchvision backbone files LPIPS needs, as torch.hub caches them.
 LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
@@ -21,6 +20,8 @@ def to_unit_range(images):
 @torch.no_grad()
 def psnr(reconstructions, originals):
     """PSNR in dB per image, (B,), on the [0, 1] range."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio  # imported when used: seconds to import
+
     return peak_signal_noise_ratio(
         to_unit_range(reconstructions), to_unit_range(originals), data_range=1.0, reduction="none", dim=(1, 2, 3)
     )
@@ -29,6 +30,8 @@ def psnr(reconstructions, originals):
 @torch.no_grad()
 def ssim(reconstructions, originals):
     """SSIM per image, (B,), Gaussian window 11, on the [0, 1] range."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     return structural_similarity_index_measure(
         to_unit_range(reconstructions), to_unit_range(originals), data_range=1.0, reduction="none"
     )

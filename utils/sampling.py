@@ -6,18 +6,18 @@ Each image's starting noise comes from its own seed, so an image is reproducible
 """
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 GENERATOR_INFO = "generator.json"  # in a stage-2 final_model: label map, null index, latent scaling and shape
-# name -> (scheduler class, its default number of steps, options)
+# name -> (diffusers scheduler class name, its default number of steps, options); by name, so that
+# the scripts' --help does not wait for diffusers to import.
 SAMPLERS = {
     # The default: the fresh noise of a stochastic sampler corrects what the deterministic ones
     # carry along, and it kept more identity than the ODE solvers (docs/experiments.md).
-    "dpmsolver_sde": (DPMSolverMultistepScheduler, 25, {"algorithm_type": "sde-dpmsolver++"}),
-    "dpmsolver": (DPMSolverMultistepScheduler, 25, {"algorithm_type": "dpmsolver++"}),
-    "ddim": (DDIMScheduler, 50, {}),
-    "euler": (EulerDiscreteScheduler, 30, {}),
-    "ddpm": (DDPMScheduler, 1000, {}),
+    "dpmsolver_sde": ("DPMSolverMultistepScheduler", 25, {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", 25, {"algorithm_type": "dpmsolver++"}),
+    "ddim": ("DDIMScheduler", 50, {}),
+    "euler": ("EulerDiscreteScheduler", 30, {}),
+    "ddpm": ("DDPMScheduler", 1000, {}),
 }
 DEFAULT_SAMPLER = "dpmsolver_sde"
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -40,8 +40,10 @@ def inference_dtype(choice, device):
 def make_sampler(scheduler_config, name=DEFAULT_SAMPLER):
     """A sampling scheduler with the training schedule's betas and prediction type (the
     options are explicit: a config taken from another sampler may carry its own)."""
-    cls, _, options = SAMPLERS[name]
-    return cls.from_config(scheduler_config, **options)
+    import diffusers
+
+    class_name, _, options = SAMPLERS[name]
+    return getattr(diffusers, class_name).from_config(scheduler_config, **options)
 
 
 @torch.no_grad()
