@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default="outputs/pipeline", help="one folder for every stage's output")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--images_to_generate", type=int, help="generated images per user (preset)")
+    p.add_argument("--train_images_per_user", type=int,
+                   help="a budget-honest run: every model (VAE, diffusion, classifiers) sees only this many train "
+                        "images per user, the same ones (val and test unchanged): what a user with N images gets")
     p.add_argument("--force", action="store_true", help="redo every stage, even those already complete")
     return p.parse_args(argv)
 
@@ -68,7 +71,8 @@ def stages(args, out, data_dir):
     plan += [
         ("manifest", manifest, manifest, python + [
             "-m", "utils.data_loader", "--data_dir", data_dir, "--manifest_out", manifest,
-            "--resolution", settings["resolution"]]),
+            "--resolution", settings["resolution"],
+            *(["--train_images_per_user", args.train_images_per_user] if args.train_images_per_user else [])]),
         ("vae", vae_model / "config.json", out / "vae", python + [
             "training/train_vae.py", "--data_dir", data_dir, "--output_dir", out / "vae", *split, *preset, *device,
             "--resume_from_checkpoint", "latest"]),
@@ -108,9 +112,11 @@ def write_report(out, record):
     generated = json.loads((out / "generated/manifest.json").read_text())
     samples = sorted((out / "diffusion/samples").glob("*.png"))
     lines = [
-        "# Pipeline report", "",
-        f"`{record['command']}` — preset `{record['preset']}`, data `{record['data_dir']}`, finished "
-        f"{record['finished']}, on {record['machine']}.", "",
+        "# Pipeline report", "", *evaluation["headline"], "",
+        f"`{record['command']}` — preset `{record['preset']}`, data `{record['data_dir']}`"
+        + (f", {record['train_images_per_user']} train images per user for every model"
+           if record.get("train_images_per_user") else "")
+        + f", finished {record['finished']}, on {record['machine']}.", "",
         "| stage | time | |", "|---|---|---|",
         *[f"| {s['name']} | {minutes(s['seconds'])} | {'skipped: already complete' if s['skipped'] else ''} |"
           for s in record["stages"]],
@@ -139,8 +145,9 @@ def write_report(out, record):
 
 
 def main(args):
-    if args.images_to_generate is not None and args.images_to_generate < 1:
-        raise UsageError("--images_to_generate must be at least 1")
+    for flag in ("images_to_generate", "train_images_per_user"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1")
     out = Path(args.output_dir).resolve()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file")
@@ -153,6 +160,15 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "pipeline.json"
     previous = json.loads(record_path.read_text()) if record_path.exists() and not args.force else {}
+    settings = {"preset": args.preset, "data_dir": str(data_dir), "train_images_per_user": args.train_images_per_user}
+    if (out / "dataset_manifest.json").exists() and not args.force:
+        from utils.data_loader import DatasetManifest
+
+        stored = DatasetManifest.load(out / "dataset_manifest.json").train_images_per_user
+        changed = {k: v for k, v in settings.items() if previous.get(k, v) != v}
+        if stored != args.train_images_per_user or changed:
+            raise UsageError(f"{out} holds a run with other settings ({previous.get('preset')} preset, "
+                             f"train_images_per_user {stored}); choose another --output_dir or add --force")
     previous_times = {s["name"]: s["seconds"] for s in previous.get("stages", [])}
     plan = stages(args, out, data_dir)
     started = time.perf_counter()
@@ -178,8 +194,8 @@ def main(args):
         print(f"{head} done in {minutes(seconds)} (total {minutes(time.perf_counter() - started)})", flush=True)
         done.append({"name": name, "seconds": seconds, "skipped": False, "command": command})
     record = {
-        "command": " ".join(["python run_pipeline.py", *sys.argv[1:]]), "preset": args.preset,
-        "data_dir": str(data_dir), "machine": machine(), "stages": done, "seconds": time.perf_counter() - started,
+        "command": " ".join(["python run_pipeline.py", *sys.argv[1:]]), **settings, "machine": machine(),
+        "stages": done, "seconds": time.perf_counter() - started,
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     record_path.write_text(json.dumps(record, indent=2))

@@ -90,13 +90,15 @@ def resolve_settings(args):
     for budget in budgets:
         if budget != "all" and not (budget.isdigit() and int(budget) >= 1):
             raise UsageError(f"--budgets takes positive integers or 'all', got {budget!r}")
+    budgets = sorted(set(budgets), key=lambda b: (b != "all", int(b) if b != "all" else 0))  # the users' case first
     num_seeds = args.num_seeds if args.num_seeds is not None else evaluation["num_seeds"]
     gain_seeds = args.gain_seeds if args.gain_seeds is not None else evaluation["gain_seeds"]
     if num_seeds < 1 or gain_seeds < 1 or settings["max_train_steps"] < 1:
         raise UsageError("--num_seeds, --gain_seeds and --max_train_steps must be at least 1")
-    if settings["resolution"] < 8:
-        raise UsageError(f"--classifier_resolution must be at least 8, got {settings['resolution']}")
-    return settings, budgets, num_seeds, gain_seeds
+    if settings["resolution"] < 2 ** len(settings["widths"]):
+        raise UsageError(f"--classifier_resolution must be at least {2 ** len(settings['widths'])} (the classifier "
+                         f"halves it {len(settings['widths'])} times), got {settings['resolution']}")
+    return settings, budgets, num_seeds, gain_seeds, dict(evaluation["classic_augmentation"])
 
 
 def generator_record(generated_dir):
@@ -153,6 +155,9 @@ def evaluation_manifest(args, data_dir, generator_manifest, classifier_manifest)
     if new_split:
         raise UsageError(f"{' '.join(new_split)} would make a new split, but {stored[0][1]} fixes it; drop them")
     manifest, name = stored[0]
+    if args.train_images_per_user not in (None, manifest.train_images_per_user):
+        raise UsageError(f"--train_images_per_user {args.train_images_per_user}, but {name} was trained with "
+                         f"{manifest.train_images_per_user or 'every'} train image(s) per user; drop the flag")
     for other, other_name in stored[1:]:
         manifest.require_same_split(other, name, other_name)
     manifest.check_matches(data_dir)
@@ -161,7 +166,7 @@ def evaluation_manifest(args, data_dir, generator_manifest, classifier_manifest)
 
 def main(args):
     started = time.perf_counter()
-    settings, budgets, num_seeds, gain_seeds = resolve_settings(args)
+    settings, budgets, num_seeds, gain_seeds, classic = resolve_settings(args)
     data_dir = check_data_dir(args.data_dir)
     generated_dir = check_folder(args.generated_dir, "--generated_dir")
     compare_dirs = [check_folder(d, "--compare_dir") for d in args.compare_dir]
@@ -212,19 +217,28 @@ def main(args):
         recon_train, recon_val, recon_test = (for_classifier(reconstruct_uint8(vae, x, device), y)
                                               for x, y in (train, val, test))
 
-    # Every classifier of the protocol, keyed by (role, ...): independent jobs trained together.
-    jobs = {}
+    # A budget that every user's train split fits in is the whole split: "all" measures it.
+    most = max(manifest.train_counts())
+    dropped = [b for b in budgets if b != "all" and int(b) >= most]
+    budgets = [b for b in budgets if b not in dropped]
+    if dropped:
+        log(f"budgets {' '.join(dropped)} hold every train image (at most {most} per user): measured as 'all'")
+
+    # Every classifier of the protocol, keyed by (role, ...): independent jobs trained together. The
+    # real-only rows at "all" are the reference classifiers of the identity section too.
+    steps = settings["max_train_steps"]
+    jobs = sections.protocol_jobs(c_train, c_val, c_gen, budgets, gain_seeds, classic, steps)
     for seed in range(num_seeds):
         if reference is None:
-            jobs["real", seed] = (c_train, c_val, seed, f"real-train classifier, seed {seed}")
+            jobs["real", "all", seed] = clf.Job(c_train, c_val, seed, f"real, all per user, seed {seed}")
         if vae_path:
-            jobs["vae", seed] = (recon_train, recon_val, seed, f"VAE-reconstruction classifier, seed {seed}")
-        jobs["tstr", seed] = (c_gen, c_val, seed, f"generated-only classifier, seed {seed}")
-    jobs.update(sections.gain_jobs(c_train, c_val, c_gen, budgets, gain_seeds))
+            jobs["vae", seed] = clf.Job(recon_train, recon_val, seed, f"VAE-reconstruction classifier, seed {seed}")
+        jobs["tstr", seed] = clf.Job(c_gen, c_val, seed, f"generated-only classifier, seed {seed}", None,
+                                     sections.steps_for(len(c_gen[1]), len(c_train[1]), steps))
     log(f"training {len(jobs)} classifiers at {classifier_resolution}x{classifier_resolution}")
     models = dict(zip(jobs, clf.train_classifiers(list(jobs.values()), users, settings, device)))
 
-    references = [reference] if reference is not None else [models["real", seed] for seed in range(num_seeds)]
+    references = [reference] if reference is not None else [models["real", "all", seed] for seed in range(num_seeds)]
     identity = sections.identity_section(references, c_test, c_gen, num_users)
     log(f"identity: real test {pct(identity['real_test']['mean'])}, generated {pct(identity['generated']['mean'])}")
     vae_report, vae_models = None, []
@@ -239,11 +253,11 @@ def main(args):
     compare_report = sections.compare_section(references, vae_models, c_test, compare)
     tstr = sections.tstr_section([models["tstr", seed] for seed in range(num_seeds)], c_test)
     log(f"tstr: real test {pct(tstr['real_test']['mean'])}")
-    gain = sections.gain_section(models, c_test, budgets, gain_seeds)
+    generator_counts = generator_manifest.train_counts() if generator_manifest else None
+    gain = sections.gain_section(models, c_test, budgets, gain_seeds, generator_counts, num_users)
     for budget, g in gain.items():
-        d = g["difference"]
-        log(f"gain at {budget} per user: {100 * d['mean']:+.1f} points, 95% CI [{100 * d['ci_low']:+.1f}, "
-            f"{100 * d['ci_high']:+.1f}]")
+        for name, c in g["comparisons"].items():
+            log(f"{budget} per user, {name}: {sections.interval_text(c)}: {c['verdict']}")
     distribution = sections.distribution_section(references[0], c_train, c_test, c_gen)
     memo, pairs = sections.memorisation_section(gen_images, train[0], test[0], gen_paths,
                                                 [path for path, _ in manifest.samples("train")])
@@ -254,11 +268,22 @@ def main(args):
         "resolution": resolution, "classifier_resolution": classifier_resolution, "num_users": num_users,
         "users": users, "classifier": settings, "classifier_path": args.classifier_path, "budgets": budgets,
         "num_seeds": len(references), "gain_seeds": gain_seeds, "generator": record.get("resolved", {}),
-        "split": {"seed": manifest.seed, "val_fraction": manifest.val_fraction, "test_fraction": manifest.test_fraction},
+        "classic_augmentation": classic,
+        "split": {"seed": manifest.seed, "val_fraction": manifest.val_fraction, "test_fraction": manifest.test_fraction,
+                  "train_images_per_user": manifest.train_images_per_user},
+        "generator_saw": None if generator_manifest is None else {
+            "train_images": len(generator_manifest.files(["train"])),
+            "per_user": dict(zip(generator_manifest.users, generator_counts)),
+            "files": sorted(generator_manifest.files(["train"]))},
+        "verdict": {budget: {"against real only": g["comparisons"]["generated vs real only"]["verdict"],
+                             "on top of classic augmentation":
+                                 g["comparisons"]["generated on top of classic augmentation"]["verdict"]}
+                    for budget, g in gain.items()},
         "counts": {"train": len(train[1]), "val": len(val[1]), "test": len(test[1]), "generated": len(gen_labels)},
         "identity": identity, "vae": vae_report, "compare": compare_report, "tstr": tstr, "gain": gain,
         "distribution": distribution, "memorisation": memo, "seconds": time.perf_counter() - started,
     }
+    report["headline"] = sections.headline(report)
     with atomic_folder(output_dir) as partial:
         (partial / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
         sections.write_plots(report, partial)
@@ -276,6 +301,8 @@ def main(args):
                                  "data_dir": str(data_dir), "real_test_accuracy": identity["real_test"]["values"][0]})
     log(f"wrote {output_dir}/report.md: generated {pct(identity['generated']['mean'])} vs real "
         f"{pct(identity['real_test']['mean'])} ({pct(identity['ratio'])} of it)")
+    for sentence in report["headline"]:
+        print(sentence.replace("**", ""))
     return 0
 
 

@@ -86,6 +86,16 @@ def test_manifest_out_never_inside_data_dir(mixed_dataset, tmp_path):
     assert DatasetManifest.load(tmp_path / "m.json").users == ["ID_1", "ID_2", "user_03"]
 
 
+def test_manifest_out_with_a_budget(mixed_dataset, tmp_path):
+    result = run_cli("-m", "utils.data_loader", "--data_dir", mixed_dataset, "--manifest_out", tmp_path / "m.json",
+                     "--train_images_per_user", 2, "--split_seed", 1)
+    assert result.returncode == 0, result.stderr
+    assert "budget: 2 train images per user" in result.stdout
+    manifest = DatasetManifest.load(tmp_path / "m.json")
+    assert manifest.train_counts() == [2, 2, 2] and manifest.seed == 1
+    assert manifest == build_manifest(mixed_dataset, seed=1).restricted(2)
+
+
 def test_manifest_round_trip(mixed_dataset, tmp_path):
     manifest = build_manifest(mixed_dataset, val_fraction=0.2, test_fraction=0.2, seed=3)
     manifest.save(tmp_path / "run" / "dataset_manifest.json")

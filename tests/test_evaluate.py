@@ -46,7 +46,7 @@ def test_resize_keeps_flat_colours_and_skips_the_same_size():
 def test_classifiers_trained_side_by_side_come_back_in_order():
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
     settings = {**PRESETS["tiny"]["classifier"], "max_train_steps": 30, "learning_rate": 1e-2}
-    jobs = [((images, torch.full((8,), label)), (images[:2], torch.full((2,), label)), 0, f"all {label}")
+    jobs = [clf.Job((images, torch.full((8,), label)), (images[:2], torch.full((2,), label)), 0, f"all {label}")
             for label in (2, 0, 1)]  # each job sees one user only, so its model answers that user
     models = clf.train_classifiers(jobs, ["a", "b", "c"], settings, processes=2)
     assert [clf.predict(m, images)[0].argmax(1).unique().tolist() for m in models] == [[2], [0], [1]]
@@ -60,7 +60,7 @@ def test_train_classifier_writes_a_reloadable_folder(tiny_generator, tmp_path):
     assert "test accuracy" in result.stdout
     model, manifest, resolution = load_classifier(out)
     assert manifest.users == ["ID_1", "ID_2", "ID_3"] and resolution == 16  # the tiny preset's
-    assert model.config.id2label == {0: "ID_1", 1: "ID_2", 2: "ID_3"}
+    assert model.config["users"] == ["ID_1", "ID_2", "ID_3"]
     info = json.loads((out / "training.json").read_text())
     assert info["counts"] == {"train": 21, "val": 3, "test": 6} and 0 <= info["test_accuracy"] <= 1
     again = run_cli("training/train_classifier.py", "--data_dir", tiny_generator / "data", "--output_dir", out, *CPU)
@@ -77,7 +77,17 @@ def test_report_has_every_section_and_plot(evaluation, generated):
     assert load_classifier(evaluation / "classifier")[2] == 16
     assert len(report["identity"]["per_user_generated"]) == 3 and len(report["identity"]["confusion_generated_seed0"]) == 3
     assert sum(map(sum, report["identity"]["confusion_generated_seed0"])) == 9
-    assert list(report["gain"]) == ["2", "all"] and report["gain"]["2"]["difference"]["n"] == 2
+    assert list(report["gain"]) == ["all", "2"]  # the users' case first
+    for budget, gain in report["gain"].items():
+        assert set(gain["rows"]) == {"real", "real + classic", "real + generated", "real + classic + generated"}
+        assert all(len(accuracies) == 2 for accuracies in gain["rows"].values())
+        assert all(c["n"] == 2 and c["verdict"] in ("helps", "hurts", "no measurable effect")
+                   for c in gain["comparisons"].values())
+        assert report["verdict"][budget]["against real only"] == gain["comparisons"]["generated vs real only"]["verdict"]
+    assert report["gain"]["all"]["generator_saw_more"] is False and report["gain"]["2"]["generator_saw_more"] is True
+    assert report["generator_saw"]["per_user"] == {"ID_1": 7, "ID_2": 7, "ID_3": 7}
+    assert len(report["gain"]["all"]["per_user"]["real + generated"]) == 3
+    assert report["classic_augmentation"]["time_masks"] == 2
     assert set(report["distribution"]) >= {"frechet_distance", "precision", "recall", "density", "coverage"}
     assert 0 <= report["memorisation"]["share"] <= 1
     vae = report["vae"]  # the generator's VAE, found through the generated folder's manifest
@@ -86,8 +96,10 @@ def test_report_has_every_section_and_plot(evaluation, generated):
     # --compare_dir with the evaluated folder itself: the same classifiers give the same accuracy.
     assert report["compare"][str(generated)]["identity"]["mean"] == report["identity"]["generated"]["mean"]
     markdown = (evaluation / "report.md").read_text()
-    for plot in ("confusion.png", "per_user_accuracy.png", "augmentation_gain.png", "closest_pairs.png",
-                 "real_vs_generated.png"):
+    assert markdown.splitlines()[2].startswith("With all their real train images (7 per user, the users' case)")
+    assert "generator saw more real data" in markdown.splitlines()[3]
+    for plot in ("confusion.png", "per_user_accuracy.png", "augmentation_gain.png", "gain_per_user.png",
+                 "closest_pairs.png", "real_vs_generated.png"):
         assert f"({plot})" in markdown
         assert Image.open(evaluation / plot).size[0] > 50
     load_classifier(evaluation / "classifier")
@@ -179,3 +191,13 @@ def test_bad_input_exits_2(tiny_generator, generated, evaluation, tmp_path, case
         assert [p.name for p in out.iterdir()] == ["mine.txt"]
     else:
         assert not out.exists()
+
+
+def test_classifier_recipe_benchmark_reports_accuracy_and_time(tiny_generator, tmp_path):
+    result = run_cli("benchmarks/classifier_recipe.py", "--data_dir", tiny_generator / "data", "--preset", "tiny",
+                     "--max_train_steps", 4, "--seeds", 2, "--classic", *CPU, "--out", tmp_path / "recipe.json")
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads((tmp_path / "recipe.json").read_text())
+    assert [r["seed"] for r in numbers["runs"]] == [0, 1] and numbers["settings"]["max_train_steps"] == 4
+    assert 0 <= numbers["mean_test_accuracy"] <= 1 and numbers["classic_augmentation"]["mixup_alpha"] == 0.4
+    assert "classic augmentation: real test" in result.stdout

@@ -17,6 +17,7 @@ def test_tiny_pipeline_runs_every_stage_then_skips_what_is_complete(tmp_path):
     assert [s["name"] for s in record["stages"]] == STAGES and not any(s["skipped"] for s in record["stages"])
     assert sorted(p.name for p in (out / "data").iterdir() if p.is_dir()) == ["ID_1", "ID_2", "ID_3"]
     report = (out / "report.md").read_text()
+    assert report.splitlines()[2].startswith("With all their real train images (")  # the users' case opens it
     for heading in ("## Stage 1: VAE", "## Stage 2: diffusion", "## Generation", "## Evaluation"):
         assert heading in report
     for picture in ("vae_check/vae_check.png", "generated/grid.png", "evaluation/augmentation_gain.png"):
@@ -27,6 +28,11 @@ def test_tiny_pipeline_runs_every_stage_then_skips_what_is_complete(tmp_path):
     manifest = DatasetManifest.load(out / "dataset_manifest.json")
     for folder in ("vae/final_model", "diffusion/final_model", "evaluation/classifier"):
         assert manifest.split_mismatch(DatasetManifest.load(out / folder)) is None, folder
+
+    # Another budget in the same folder would reuse models trained on other data: refused.
+    budget = run_cli("run_pipeline.py", "--preset", "tiny", "--output_dir", out, "--device", "cpu",
+                     "--train_images_per_user", 3)
+    assert budget.returncode == 2 and "holds a run with other settings" in budget.stderr
 
     # A lost evaluation is redone alone; everything before it is skipped.
     shutil.rmtree(out / "evaluation")

@@ -80,7 +80,7 @@ def main(args):
              f"a new split of --data_dir (seed {manifest.seed}, val {manifest.val_fraction:g}, test "
              f"{manifest.test_fraction:g}); give --manifest to use a trained model's split")
     print(f"classifier: {manifest.num_users} users, {train_count} train images at {config.resolution}x{config.resolution}, "
-          f"ResNet widths {settings['widths']} depths {settings['depths']}, up to {config.max_train_steps} steps "
+          f"CNN widths {settings['widths']} depths {settings['depths']}, up to {config.max_train_steps} steps "
           f"of {config.batch_size}, seed {config.seed}, {device}\n  split: {split}")
     if config.dry_run:
         print(json.dumps(config.to_dict(), indent=2, default=str))

@@ -1,9 +1,12 @@
 """The person-ID classifier used to evaluate generated images, and its training loop.
 
-A transformers `ResNetForImageClassification` (basic blocks, widths from the preset)
-trained from scratch: no pretrained download, and a folder that reloads with plain
-transformers (config.json with the label map as id2label, model.safetensors) plus the
-dataset manifest whose split it was trained on.
+A plain convolutional network (`SpectrogramCNN`: per stage 3x3 convolution, BatchNorm,
+ReLU, 2x2 max-pool; then global average pooling and a linear layer), trained from
+scratch: no pretrained download. It keeps full resolution in its first stage, where the
+fine Doppler detail that tells people apart lives, and learned more identity per CPU
+second than a ResNet whose stem quarters the image first (docs/experiments.md). A saved
+classifier is a folder: config.json (users, widths, depths), model.safetensors, the
+dataset manifest whose split it was trained on, and training.json.
 
 Real and generated images go through one path: `load_image_folder` / `load_split`
 decode, convert to RGB and resize (PIL bicubic, antialiased), kept as uint8 in memory;
@@ -18,6 +21,7 @@ import math
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,9 +31,10 @@ from tqdm.auto import tqdm
 from utils.cli import UsageError
 from utils.data_loader import MANIFEST_NAME, DatasetManifest, is_image_file, load_rgb, natural_key, pil_to_array
 from utils.files import atomic_folder
-from utils.augment import roll_time
+from utils.augment import classic_augmentation, roll_time
 from utils.training import adamw
 
+CONFIG_NAME = "config.json"
 TRAINING_INFO = "training.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -94,14 +99,33 @@ def load_image_folder(folder, manifest, resolution, flag="--generated_dir"):
     return images, labels, [str(p.relative_to(folder)) for p in paths]
 
 
-def build_classifier(users, widths, depths):
-    from transformers import ResNetConfig, ResNetForImageClassification
+class SpectrogramCNN(torch.nn.Module):
+    """Stages of `depth` (3x3 conv, BatchNorm, ReLU) and a 2x2 max-pool, one per width;
+    global average pooling; a linear layer over the users. Inputs (B, 3, R, R) in [-1, 1],
+    R at least 2^stages."""
 
-    config = ResNetConfig(
-        num_channels=3, embedding_size=widths[0], hidden_sizes=list(widths), depths=list(depths), layer_type="basic",
-        num_labels=len(users), id2label=dict(enumerate(users)), label2id={u: i for i, u in enumerate(users)},
-    )
-    return ResNetForImageClassification(config)
+    def __init__(self, users, widths, depths):
+        super().__init__()
+        self.config = {"users": list(users), "widths": list(widths), "depths": list(depths)}
+        layers, channels = [], 3
+        for width, depth in zip(widths, depths):
+            for _ in range(depth):
+                layers += [torch.nn.Conv2d(channels, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width),
+                           torch.nn.ReLU(inplace=True)]
+                channels = width
+            layers.append(torch.nn.MaxPool2d(2))
+        self.features = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Linear(channels, len(users))
+
+    def embed(self, images):
+        return self.features(images).mean(dim=(2, 3))  # (B, C): the space distances are measured in
+
+    def forward(self, images):
+        return self.head(self.embed(images))  # (B, users) logits
+
+
+def build_classifier(users, widths, depths):
+    return SpectrogramCNN(users, widths, depths)
 
 
 @torch.no_grad()
@@ -113,11 +137,11 @@ def predict(model, images_uint8, batch_size=256):
     logits, features = [], []
     for start in range(0, len(images_uint8), batch_size):
         x = to_model_input(images_uint8[start:start + batch_size].to(device)).to(memory_format=torch.channels_last)
-        pooled = model.resnet(x).pooler_output  # (B, C, 1, 1)
-        features.append(pooled.flatten(1).float().cpu())
-        logits.append(model.classifier(pooled).float().cpu())
+        pooled = model.embed(x)  # (B, C)
+        features.append(pooled.float().cpu())
+        logits.append(model.head(pooled).float().cpu())
     if not logits:
-        return torch.zeros(0, model.config.num_labels), torch.zeros(0, model.config.hidden_sizes[-1])
+        return torch.zeros(0, len(model.config["users"])), torch.zeros(0, model.config["widths"][-1])
     return torch.cat(logits), torch.cat(features)
 
 
@@ -128,10 +152,22 @@ def accuracy(model, images_uint8, labels):
     return (logits.argmax(1) == labels).float().mean().item()
 
 
-def train_classifier(train, val, users, settings, seed, device="cpu", desc="classifier", progress=True):
+def same_user_partners(labels, index, generator):
+    """For each image `index` of the batch, another random image index of the same user."""
+    partners = torch.empty_like(index)
+    for position, label in enumerate(labels[index].tolist()):
+        pool = (labels == label).nonzero().flatten()
+        partners[position] = pool[torch.randint(len(pool), (1,), generator=generator)]
+    return partners
+
+
+def train_classifier(train, val, users, settings, seed, device="cpu", desc="classifier", progress=True,
+                     augmentation=None):
     """Train from scratch on `train` = (uint8 images, labels); keep the weights with the
     best accuracy on `val` (evaluated every `eval_every` steps), stop after `patience`
-    evaluations without improvement. Returns (model on device, history dict)."""
+    evaluations without improvement. Every batch is shifted circularly in time; with
+    `augmentation` (utils.augment.classic_augmentation's settings) it is also mixed within
+    users and masked. Returns (model on device, history dict)."""
     images, labels = train
     if len(images) == 0:
         raise UsageError(f"{desc}: no training images")
@@ -152,8 +188,12 @@ def train_classifier(train, val, users, settings, seed, device="cpu", desc="clas
         if len(order) < batch_size:  # a fresh permutation per epoch; the last partial batch is dropped
             order = torch.randperm(len(images), generator=generator)
         index, order = order[:batch_size], order[batch_size:]
-        x = roll_time(to_model_input(images[index]), generator).to(device, memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(pixel_values=x).logits, labels[index].to(device), label_smoothing=0.1)
+        x = roll_time(to_model_input(images[index]), generator)
+        if augmentation:
+            partners = roll_time(to_model_input(images[same_user_partners(labels, index, generator)]), generator)
+            x = classic_augmentation(x, partners, augmentation, generator)
+        x = x.to(device, memory_format=torch.channels_last)
+        loss = F.cross_entropy(model(x), labels[index].to(device), label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -175,30 +215,49 @@ def train_classifier(train, val, users, settings, seed, device="cpu", desc="clas
                           "steps_run": history[-1]["step"], "history": history}
 
 
-def _train_in_worker(train, val, users, settings, seed):
-    model, _ = train_classifier(train, val, users, settings, seed, progress=False)
+@dataclass
+class Job:
+    """One classifier to train: data as (uint8 images, labels), its seed, a description, the
+    classic augmentation's settings or None, and its steps (None: the settings')."""
+
+    train: tuple
+    val: tuple
+    seed: int
+    desc: str
+    augmentation: dict = None
+    max_train_steps: int = None
+
+
+def _job_settings(job, settings):
+    return {**settings, "max_train_steps": job.max_train_steps or settings["max_train_steps"]}
+
+
+def _train_in_worker(job, users, settings):
+    model, _ = train_classifier(job.train, job.val, users, _job_settings(job, settings), job.seed, progress=False,
+                                augmentation=job.augmentation)
     return {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
 
 
 def train_classifiers(jobs, users, settings, device="cpu", processes=None):
-    """Trained models for independent jobs [(train, val, seed, description)], in order.
+    """Trained models for independent `Job`s, in order.
 
     On a CPU they train side by side, one process of one thread per core: these small
     convolutions use two threads poorly (docs/experiments.md). A process takes seconds to
     start (imports), so by default (`processes=None`) only jobs of 2000 steps or more in all
     are spread. On a GPU, one after another."""
+    steps = sum(_job_settings(job, settings)["max_train_steps"] for job in jobs)
     if torch.device(device).type != "cpu":
         processes = 1
     elif processes is None:
-        processes = torch.get_num_threads() if settings["max_train_steps"] * len(jobs) >= 2000 else 1
+        processes = torch.get_num_threads() if steps >= 2000 else 1
     processes = min(len(jobs), processes)
     if processes <= 1:
-        return [train_classifier(train, val, users, settings, seed, device, desc=desc)[0]
-                for train, val, seed, desc in jobs]
+        return [train_classifier(job.train, job.val, users, _job_settings(job, settings), job.seed, device,
+                                 desc=job.desc, augmentation=job.augmentation)[0] for job in jobs]
     # spawn, not fork: a forked copy of a process whose thread pools already ran can hang.
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        futures = [pool.submit(_train_in_worker, train, val, users, settings, seed) for train, val, seed, _ in jobs]
+        futures = [pool.submit(_train_in_worker, job, users, settings) for job in jobs]
         bar = tqdm(total=len(jobs), desc=f"classifiers ({processes} processes)", leave=False)
         for future in futures:
             future.add_done_callback(lambda _: bar.update(1))
@@ -214,24 +273,32 @@ def train_classifiers(jobs, users, settings, device="cpu", processes=None):
 
 def save_classifier(model, folder, manifest, info):
     """FOLDER/{config.json, model.safetensors, dataset_manifest.json, training.json}, atomically."""
+    from safetensors.torch import save_file
+
     with atomic_folder(folder) as partial:
-        model.save_pretrained(partial, safe_serialization=True)
+        (partial / CONFIG_NAME).write_text(json.dumps(model.config, indent=2, ensure_ascii=False))
+        save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(partial / WEIGHTS_NAME))
         manifest.save(partial / MANIFEST_NAME)
         (partial / TRAINING_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str))
 
 
 def load_classifier(folder, flag="--classifier_path"):
     """(model in eval mode, its dataset manifest, its resolution) from a saved folder."""
-    from transformers import ResNetForImageClassification
+    from safetensors.torch import load_file
 
     folder = Path(folder)
-    for name in ("config.json", WEIGHTS_NAME, MANIFEST_NAME, TRAINING_INFO):
+    for name in (CONFIG_NAME, WEIGHTS_NAME, MANIFEST_NAME, TRAINING_INFO):
         if not (folder / name).is_file():
             raise UsageError(f"{flag} {folder} is not a classifier folder: {name} is missing "
                              "(make one with training/train_classifier.py)")
     manifest = DatasetManifest.load(folder / MANIFEST_NAME)
-    model = ResNetForImageClassification.from_pretrained(folder)
-    if [model.config.id2label[i] for i in range(model.config.num_labels)] != manifest.users:
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        model = build_classifier(config["users"], config["widths"], config["depths"])
+        model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+    except (KeyError, ValueError, RuntimeError, OSError) as error:
+        raise UsageError(f"{flag} {folder}: cannot load the classifier ({str(error).splitlines()[0]})") from None
+    if model.config["users"] != manifest.users:
         raise UsageError(f"{flag} {folder}: the model's label map disagrees with its dataset manifest")
     resolution = json.loads((folder / TRAINING_INFO).read_text())["resolution"]
     return model.eval(), manifest, resolution

@@ -22,7 +22,7 @@ import random
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +202,28 @@ class DatasetManifest:
     test_fraction: float = 0.2
     data_dir: str = ""  # where it was built; informational, stages take --data_dir
     unreadable: list = field(default_factory=list)
+    train_images_per_user: int = None  # a budget: train keeps this many per user, the rest is `unused`
+    unused: dict = field(default_factory=dict)  # user -> train images left out by the budget
+
+    def restricted(self, images_per_user):
+        """This split with at most `images_per_user` train images per user, the same ones in
+        every stage: drawn with the split seed from the user's whole train pool (the train
+        images and those an earlier budget left out), so budgets are nested. Val and test
+        stay as they are."""
+        if images_per_user < 1:
+            raise UsageError(f"--train_images_per_user must be at least 1, got {images_per_user}")
+        train, unused = {}, {}
+        for user in self.users:
+            pool = sorted(self.splits["train"].get(user, []) + self.unused.get(user, []), key=natural_key)
+            random.Random(f"{self.seed}/{user}/budget").shuffle(pool)
+            train[user] = sorted(pool[:images_per_user], key=natural_key)
+            unused[user] = sorted(pool[images_per_user:], key=natural_key)
+        return replace(self, splits={**self.splits, "train": train}, unused=unused,
+                       train_images_per_user=images_per_user)
+
+    def train_counts(self):
+        """Train images per user, label order."""
+        return [self.count("train", user) for user in self.users]
 
     @property
     def num_users(self):
@@ -267,7 +289,7 @@ class DatasetManifest:
                 f"{data_dir} has users the stored label map does not know: {' '.join(extra)}; "
                 "use the data folder the model was trained on, or train again on this one"
             )
-        listed = self.files() | set(self.unreadable)
+        listed = self.files() | set(self.unreadable) | {f"{u}/{name}" for u, names in self.unused.items() for name in names}
         present = set().union(*(on_disk[user] for user in self.users))
         gone, new = sorted(listed - present, key=natural_key), sorted(present - listed, key=natural_key)
         if gone or new:
@@ -288,6 +310,10 @@ class DatasetManifest:
             return f"they map other users ({self.num_users} vs {other.num_users})"
         if all(self.files([split]) == other.files([split]) for split in SPLITS):
             return None
+        if self.train_images_per_user != other.train_images_per_user:
+            budgets = [f"{m.train_images_per_user} train images per user" if m.train_images_per_user else "every train image"
+                       for m in (self, other)]
+            return f"one keeps {budgets[0]}, the other {budgets[1]}"
         seen = self.files(("train", "val")) & other.files(["test"]) | other.files(("train", "val")) & self.files(["test"])
         return (f"their splits differ (split seed {self.seed} vs {other.seed}, test fraction {self.test_fraction:g} "
                 f"vs {other.test_fraction:g}): {len(seen)} test images of one are training images of the other")
@@ -312,6 +338,8 @@ class DatasetManifest:
             "test_fraction": self.test_fraction,
             "splits": self.splits,
             "unreadable": self.unreadable,
+            "train_images_per_user": self.train_images_per_user,
+            "unused": self.unused,
         }
 
     def save(self, path):
@@ -340,6 +368,8 @@ class DatasetManifest:
             test_fraction=data["test_fraction"],
             data_dir=data["data_dir"],
             unreadable=data["unreadable"],
+            train_images_per_user=data.get("train_images_per_user"),
+            unused=data.get("unused", {}),
         )
         if data["label_map"] != manifest.label_map:
             raise UsageError(f"dataset manifest {path}: label_map disagrees with the user list")
@@ -381,12 +411,16 @@ def add_split_arguments(parser, new_split=True):
                                                               f"validation (default {SPLIT_DEFAULTS['val_fraction']})")
         group.add_argument("--test_fraction", type=float, help=f"without --manifest: share of each user's images held "
                                                                f"out for testing (default {SPLIT_DEFAULTS['test_fraction']})")
+        group.add_argument("--train_images_per_user", type=int,
+                           help="a budget: keep this many train images per user (seeded, the same in every stage; "
+                                "val and test unchanged), as a user with that many images has")
     return group
 
 
 def stage_manifest(args, data_dir, scan=None):
     """The manifest a stage works with: --manifest when given, else a new split of
-    `data_dir` from the split flags (SPLIT_DEFAULTS where unset); checked against the data."""
+    `data_dir` from the split flags (SPLIT_DEFAULTS where unset), restricted to
+    --train_images_per_user when given; checked against the data."""
     given = {name: getattr(args, name) for name in SPLIT_DEFAULTS if getattr(args, name, None) is not None}
     if getattr(args, "manifest", None):
         if given:
@@ -397,6 +431,8 @@ def stage_manifest(args, data_dir, scan=None):
         settings = {**SPLIT_DEFAULTS, **given}
         manifest = build_manifest(data_dir, settings["val_fraction"], settings["test_fraction"],
                                   settings["split_seed"], scan=scan)
+    if getattr(args, "train_images_per_user", None) is not None:
+        manifest = manifest.restricted(args.train_images_per_user)
     manifest.check_matches(data_dir)
     return manifest
 
@@ -468,7 +504,9 @@ def format_summary(scan, manifest, resolution):
         f"dataset {scan.data_dir}",
         f"{manifest.num_users} users, {sum(len(f) for f in scan.files.values())} readable images "
         f"(split seed {manifest.seed}: val {manifest.val_fraction:g}, test {manifest.test_fraction:g}; "
-        f"train {len(manifest.files(['train']))}, val {len(manifest.files(['val']))}, test {len(manifest.files(['test']))})",
+        f"train {len(manifest.files(['train']))}, val {len(manifest.files(['val']))}, test {len(manifest.files(['test']))})"
+        + (f"; budget: {manifest.train_images_per_user} train images per user, the other "
+           f"{sum(map(len, manifest.unused.values()))} train images unused" if manifest.train_images_per_user else ""),
         "",
         f"{'label':>5}  {'user':<24} {'number':>6} {'images':>6} {'train':>6} {'val':>5} {'test':>5}",
     ]

@@ -35,18 +35,63 @@ def budget_subset(labels, budget, seed):
     return torch.cat(chosen).sort().values
 
 
-def gain_jobs(train, val, generated, budgets, gain_seeds):
-    """The classifier jobs of the augmentation gain, keyed by (role, budget, seed): per seed
-    the same real subset and the same initialisation with and without the generated images."""
+# The augmentation protocol's rows: every seed trains each on the same real images from
+# the same initialisation, so their differences are paired.
+ROWS = ("real", "real + classic", "real + generated", "real + classic + generated")
+COMPARISONS = {  # name -> (row, the row it is compared with)
+    "generated vs real only": ("real + generated", "real"),
+    "generated on top of classic augmentation": ("real + classic + generated", "real + classic"),
+    "generated vs classic augmentation": ("real + generated", "real + classic"),
+    "classic augmentation vs real only": ("real + classic", "real"),
+}
+
+
+def steps_for(images, all_images, max_train_steps):
+    """Classifier steps for a training set of `images` real images when the whole train split
+    (`all_images`) gets `max_train_steps`: in proportion, at least a quarter of them. Every
+    row of a budget trains as long, however many generated images it adds."""
+    return max(max_train_steps // 4, round(max_train_steps * images / all_images))
+
+
+def protocol_jobs(train, val, generated, budgets, seeds, classic, max_train_steps):
+    """The classifier jobs of the augmentation protocol, keyed (row, budget, seed): per seed
+    the same real subset, initialisation and steps in every row; "classic" rows train with
+    the classic augmentation `classic`, "generated" rows with every generated image added."""
     jobs = {}
     for budget in budgets:
-        for seed in range(gain_seeds):
+        for seed in range(seeds):
             index = budget_subset(train[1], budget, seed)
-            subset = (train[0][index], train[1][index])
-            mixed = (torch.cat([subset[0], generated[0]]), torch.cat([subset[1], generated[1]]))
-            jobs["budget real", budget, seed] = (subset, val, 1000 + seed, f"budget {budget}, real, seed {seed}")
-            jobs["budget augmented", budget, seed] = (mixed, val, 1000 + seed, f"budget {budget}, augmented, seed {seed}")
+            real = (train[0][index], train[1][index])
+            mixed = (torch.cat([real[0], generated[0]]), torch.cat([real[1], generated[1]]))
+            steps = steps_for(len(index), len(train[1]), max_train_steps)
+            for row, data, augmentation in (("real", real, None), ("real + classic", real, classic),
+                                            ("real + generated", mixed, None),
+                                            ("real + classic + generated", mixed, classic)):
+                jobs[row, budget, seed] = clf.Job(data, val, seed, f"{row}, {budget} per user, seed {seed}",
+                                                  augmentation, steps)
     return jobs
+
+
+def verdict(interval):
+    """The word for a paired 95% interval: never a positive one for an interval that contains 0."""
+    if not np.isfinite(interval["ci_low"]):
+        return "not measured (one seed)"
+    if interval["ci_low"] > 0:
+        return "helps"
+    if interval["ci_high"] < 0:
+        return "hurts"
+    return "no measurable effect"
+
+
+def generator_label(budget, generator_train_counts):
+    """What the generator saw, against the real images a budget's classifiers train on."""
+    if generator_train_counts is None:
+        return {"generator_saw_more": None, "label": "the generator's training data is unknown"}
+    most = max(generator_train_counts)
+    if budget == "all" or int(budget) >= most:
+        return {"generator_saw_more": False, "label": "the generator saw the same real images"}
+    return {"generator_saw_more": True,
+            "label": f"generator saw more real data (up to {most} train images per user, not {budget})"}
 
 
 def identity_scores(model, images, labels, num_users):
@@ -96,15 +141,21 @@ def tstr_section(generated_only_models, test):
     return {"real_test": mean_std([clf.accuracy(m, *test) for m in generated_only_models])}
 
 
-def gain_section(models, test, budgets, gain_seeds):
-    """Real test accuracy with and without the generated images, per budget, and the
-    paired difference with its 95% t interval. `models` as keyed by `gain_jobs`."""
+def gain_section(models, test, budgets, seeds, generator_train_counts, num_users):
+    """Real test accuracy of every protocol row per budget and seed (`models` keyed as by
+    `protocol_jobs`), each comparison's paired difference with its 95% t interval and
+    verdict, the budget's label, and at "all" the per-user accuracy of real vs real + generated."""
     gain = {}
     for budget in budgets:
-        real = [clf.accuracy(models["budget real", budget, seed], *test) for seed in range(gain_seeds)]
-        augmented = [clf.accuracy(models["budget augmented", budget, seed], *test) for seed in range(gain_seeds)]
-        gain[budget] = {"real": real, "augmented": augmented,
-                        "difference": paired_interval(np.subtract(augmented, real))}
+        rows = {row: [clf.accuracy(models[row, budget, seed], *test) for seed in range(seeds)] for row in ROWS}
+        comparisons = {}
+        for name, (row, baseline) in COMPARISONS.items():
+            interval = paired_interval(np.subtract(rows[row], rows[baseline]))
+            comparisons[name] = {**interval, "verdict": verdict(interval)}
+        gain[budget] = {"rows": rows, "comparisons": comparisons, **generator_label(budget, generator_train_counts)}
+        if budget == "all":
+            gain[budget]["per_user"] = {row: np.nanmean([identity_scores(models[row, budget, seed], *test, num_users)[
+                "per_user"] for seed in range(seeds)], 0).tolist() for row in ("real", "real + generated")}
     return gain
 
 
@@ -181,26 +232,51 @@ def plot_per_user(users, real, generated, path):
 
 
 def plot_gain(gain, path):
+    """Left: real test accuracy of every row per budget; right: each comparison's paired
+    difference with its 95% interval."""
     import matplotlib.pyplot as plt
 
     budgets = list(gain)
     x = np.arange(len(budgets))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for key, label in (("real", "real only"), ("augmented", "real + generated")):
-        means = [np.mean(gain[b][key]) for b in budgets]
-        stds = [np.std(gain[b][key], ddof=1) if len(gain[b][key]) > 1 else 0 for b in budgets]
-        axes[0].errorbar(x, means, yerr=stds, marker="o", capsize=3, label=label)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for offset, row in zip(np.linspace(-0.15, 0.15, len(ROWS)), ROWS):
+        values = [gain[b]["rows"][row] for b in budgets]
+        stds = [np.std(v, ddof=1) if len(v) > 1 else 0 for v in values]
+        axes[0].errorbar(x + offset, [np.mean(v) for v in values], yerr=stds, marker="o", capsize=3, ls="", label=row)
     axes[0].set_ylabel("real test accuracy")
-    axes[0].legend()
-    means = [100 * gain[b]["difference"]["mean"] for b in budgets]  # points of accuracy
-    low = [100 * (gain[b]["difference"]["mean"] - gain[b]["difference"]["ci_low"]) for b in budgets]
-    high = [100 * (gain[b]["difference"]["ci_high"] - gain[b]["difference"]["mean"]) for b in budgets]
-    axes[1].errorbar(x, means, yerr=[np.nan_to_num(low), np.nan_to_num(high)], marker="o", capsize=3, color="C2")
+    axes[0].legend(fontsize=7)
+    for offset, name in zip(np.linspace(-0.15, 0.15, len(COMPARISONS)), COMPARISONS):
+        d = [gain[b]["comparisons"][name] for b in budgets]
+        means = [100 * c["mean"] for c in d]  # points of accuracy
+        errors = [np.nan_to_num([100 * (c["mean"] - c["ci_low"]) for c in d]),
+                  np.nan_to_num([100 * (c["ci_high"] - c["mean"]) for c in d])]
+        axes[1].errorbar(x + offset, means, yerr=errors, marker="o", capsize=3, ls="", label=name)
     axes[1].axhline(0, color="gray", lw=0.8)
-    axes[1].set_ylabel("gain (points of accuracy, 95% CI)")
+    axes[1].set_ylabel("difference (points, 95% CI)")
+    axes[1].legend(fontsize=7)
     for ax in axes:
         ax.set_xticks(x, budgets)
         ax.set_xlabel("real images per user")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_gain_per_user(users, per_user, path):
+    """Per user at "all": real test accuracy of real-only and real + generated classifiers."""
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(users))
+    real, augmented = np.asarray(per_user["real"]), np.asarray(per_user["real + generated"])
+    fig, ax = plt.subplots(figsize=(max(6, len(users) * 0.3), 3.5))
+    ax.bar(x - 0.2, real, 0.4, label="real only")
+    ax.bar(x + 0.2, augmented, 0.4, label="real + generated",
+           color=["C2" if a > r else "C3" if a < r else "C7" for r, a in zip(real, augmented)])
+    ax.set_xticks(x, users, rotation=90, fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("real test accuracy (mean over seeds)")
+    ax.set_title("all real train images: green = the generated images help this user, red = they hurt", fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -216,6 +292,8 @@ def write_plots(report, folder):
     plot_per_user(report["users"], identity["per_user_real_test"], identity["per_user_generated"],
                   folder / "per_user_accuracy.png")
     plot_gain(report["gain"], folder / "augmentation_gain.png")
+    if "all" in report["gain"]:
+        plot_gain_per_user(report["users"], report["gain"]["all"]["per_user"], folder / "gain_per_user.png")
 
 
 def pct(value):
@@ -226,22 +304,66 @@ def spread(stats):
     return f"{pct(stats['mean'])} ± {100 * stats['std']:.1f}"
 
 
+def interval_text(c):
+    return f"{100 * c['mean']:+.1f} points, 95% CI [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}], {c['n']} paired seeds"
+
+
+def headline(report):
+    """One sentence per budget, the users' case ("all") first: what adding the generated
+    images does to real test accuracy, against real only and on top of classic augmentation."""
+    sentences = []
+    for budget, g in report["gain"].items():
+        if budget == "all":
+            per_user = report["counts"]["train"] / report["num_users"]
+            who = f"With all their real train images ({per_user:.0f} per user, the users' case)"
+        else:
+            who = f"With {budget} real images per user ({g['label']})"
+        real, classic = (g["comparisons"][name] for name in ("generated vs real only",
+                                                             "generated on top of classic augmentation"))
+        sentences.append(f"{who}, adding the {report['counts']['generated']} generated images: **{real['verdict']}** "
+                         f"against real only ({interval_text(real)}); **{classic['verdict']}** on top of classic "
+                         f"augmentation ({interval_text(classic)}).")
+    return sentences
+
+
 def render_markdown(report, level=1, image_prefix=""):
-    """The report as Markdown: a title at heading `level`, its sections one level below,
-    pictures linked as `image_prefix` + file name (the plots and grids evaluate.py writes)."""
+    """The report as Markdown: a title at heading `level`, the verdict first, the sections
+    one level below, pictures linked as `image_prefix` + file name (the plots and grids
+    evaluate.py writes)."""
     r, title, section = report, "#" * level, "#" * (level + 1)
 
     def picture(name, caption):
         return f"![{caption}]({image_prefix}{name})"
 
     identity, v = r["identity"], r.get("vae")
-    lines = [
-        f"{title} Evaluation of generated spectrograms", "",
-        f"Dataset `{r['data_dir']}`: {r['num_users']} users; real test split {r['counts']['test']} images, "
-        f"train {r['counts']['train']}, val {r['counts']['val']}. Generated `{r['generated_dir']}`: "
-        f"{r['counts']['generated']} images at {r['resolution']}x{r['resolution']}, seen by the classifiers at "
-        f"{r['classifier_resolution']}x{r['classifier_resolution']}. Preset `{r['preset']}`; "
-        f"mean ± standard deviation over classifier seeds. {r['seconds']:.0f} s.", "",
+    classic = ", ".join(f"{k} {value}" for k, value in r["classic_augmentation"].items())
+    lines = [f"{title} Evaluation of generated spectrograms", "", *r["headline"], "",
+             f"Dataset `{r['data_dir']}`: {r['num_users']} users; real test split {r['counts']['test']} images, "
+             f"train {r['counts']['train']}, val {r['counts']['val']}. Generated `{r['generated_dir']}`: "
+             f"{r['counts']['generated']} images at {r['resolution']}x{r['resolution']}, seen by the classifiers at "
+             f"{r['classifier_resolution']}x{r['classifier_resolution']}. Preset `{r['preset']}`; "
+             f"mean ± standard deviation over classifier seeds. {r['seconds']:.0f} s.", "",
+             f"{section} Does adding generated images help the classifier?", "",
+             "Person-ID classifiers trained from scratch on a budget of real train images per user (`all`: the whole "
+             "train split, the users' case), in four rows: real only, with classic spectrogram augmentation, with "
+             "every generated image added, and both. Every row trains with random circular time shifts (part of the "
+             f"reference recipe); classic augmentation adds {classic}. Per seed, every row starts from the same "
+             "initialisation with the same real images, so the differences are paired; the verdict comes from their "
+             "95% t interval and says *no measurable effect* whenever it contains 0.", "",
+             "| real images per user | what the generator saw | " + " | ".join(ROWS) + " |",
+             "|---|---|" + "---|" * len(ROWS)]
+    for budget, g in r["gain"].items():
+        lines.append(f"| {budget} | {g['label']} | " + " | ".join(spread(mean_std(g["rows"][row])) for row in ROWS) + " |")
+    lines += ["", "| real images per user | comparison | difference | 95% CI | verdict |", "|---|---|---|---|---|"]
+    for budget, g in r["gain"].items():
+        for name, c in g["comparisons"].items():
+            lines.append(f"| {budget} | {name} | {100 * c['mean']:+.1f} points | [{100 * c['ci_low']:+.1f}, "
+                         f"{100 * c['ci_high']:+.1f}] | {c['verdict']} |")
+    lines += ["", picture("augmentation_gain.png", "augmentation gain"), ""]
+    if "all" in r["gain"]:
+        lines += ["Per user, with all real train images: whom the generated images help and whom they hurt.", "",
+                  picture("gain_per_user.png", "per-user gain"), ""]
+    lines += [
         f"{section} Identity: does a generated image show the user it was made for?", "",
         "| classifier trained on | seeds | its accuracy on real test | on VAE reconstructions of test | on generated |",
         "|---|---|---|---|---|",
@@ -271,21 +393,8 @@ def render_markdown(report, level=1, image_prefix=""):
     lines += [f"{section} Train on generated, test on real (TSTR)", "",
               f"Classifiers trained on the generated images only: {spread(r['tstr']['real_test'])} on real test "
               f"(real-train classifiers: {spread(identity['real_test'])}).", ""]
-    lines += [f"{section} Augmentation gain", "",
-              "Classifiers trained on a budget of real train images per user, alone and with every generated image "
-              "added; the same seed draws the same real images and the same initialisation for both, so the gain is "
-              "paired. The generator itself was trained on the whole train split: below that budget its images also "
-              "carry what it learned from real images the budget classifier never saw, so this measures what the "
-              "generated images add for a classifier, not what a generator trained on the budget alone would give.", "",
-              "| real images per user | real only | real + generated | gain (points) | 95% CI | seeds |",
-              "|---|---|---|---|---|---|"]
-    for budget, g in r["gain"].items():
-        d = g["difference"]
-        lines.append(f"| {budget} | {pct(np.mean(g['real']))} | {pct(np.mean(g['augmented']))} | "
-                     f"{100 * d['mean']:+.1f} | [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] | {d['n']} |")
     dist, mem = r["distribution"], r["memorisation"]
-    lines += ["", picture("augmentation_gain.png", "augmentation gain"), "",
-              f"{section} Distribution", "",
+    lines += [f"{section} Distribution", "",
               f"In the reference classifier's feature space (k = {dist['k']}): Frechet distance generated vs real test "
               f"**{dist['frechet_distance']:.2f}** (real train vs real test, the floor for sets this size: "
               f"{dist['frechet_distance_real_train_vs_test']:.2f}); precision {dist['precision']:.3f}, recall "
