@@ -58,8 +58,8 @@ def test_evaluate_without_manifest_uses_the_generators_split_and_says_what_it_sa
     assert report["counts"]["train"] == 9 and report["counts"]["test"] == 9  # 3 per user at 0.3
     assert report["generator_saw"]["per_user"] == {"ID_1": 3, "ID_2": 3, "ID_3": 3}
     assert list(report["gain"]) == ["all", "2"]  # 5 per user is every train image here: measured as "all"
-    assert report["gain"]["all"]["label"] == "the generator saw the same real images"
-    assert report["gain"]["2"]["label"].startswith("generator saw more real data (up to 3")
+    assert report["gain"]["all"]["label"] == "the generator saw the same real images: 3 per user"
+    assert report["gain"]["2"]["label"] == "generator saw more real data: 3 train images per user, not 2"
     headline = (odd_split / "evaluation/report.md").read_text().splitlines()[2]
     assert headline.startswith("With all their real train images (3 per user, the users' case)")
 

@@ -77,8 +77,9 @@ def test_budgets_below_what_the_generator_saw_are_labelled():
     assert generator_label("all", [105, 105])["generator_saw_more"] is False
     assert generator_label("105", [105, 105])["generator_saw_more"] is False
     below = generator_label("10", [105, 104])
-    assert below["generator_saw_more"] is True and below["label"].startswith("generator saw more real data")
-    assert generator_label("10", [10, 10])["label"] == "the generator saw the same real images"
+    assert below["generator_saw_more"] is True
+    assert below["label"] == "generator saw more real data: up to 105 train images per user, not 10"
+    assert generator_label("10", [10, 10])["label"] == "the generator saw the same real images: 10 per user"
     assert generator_label("10", None)["generator_saw_more"] is None
 
 

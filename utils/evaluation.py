@@ -88,10 +88,11 @@ def generator_label(budget, generator_train_counts):
     if generator_train_counts is None:
         return {"generator_saw_more": None, "label": "the generator's training data is unknown"}
     most = max(generator_train_counts)
+    saw = f"{most}" if min(generator_train_counts) == most else f"up to {most}"
     if budget == "all" or int(budget) >= most:
-        return {"generator_saw_more": False, "label": "the generator saw the same real images"}
+        return {"generator_saw_more": False, "label": f"the generator saw the same real images: {saw} per user"}
     return {"generator_saw_more": True,
-            "label": f"generator saw more real data (up to {most} train images per user, not {budget})"}
+            "label": f"generator saw more real data: {saw} train images per user, not {budget}"}
 
 
 def identity_scores(model, images, labels, num_users):
