@@ -230,7 +230,7 @@ def main(args):
     jobs = sections.protocol_jobs(c_train, c_val, c_gen, budgets, gain_seeds, classic, steps)
     for seed in range(num_seeds):
         if reference is None:
-            jobs["real", "all", seed] = clf.Job(c_train, c_val, seed, f"real, all per user, seed {seed}")
+            jobs.setdefault(("real", "all", seed), clf.Job(c_train, c_val, seed, f"real, all per user, seed {seed}"))
         if vae_path:
             jobs["vae", seed] = clf.Job(recon_train, recon_val, seed, f"VAE-reconstruction classifier, seed {seed}")
         jobs["tstr", seed] = clf.Job(c_gen, c_val, seed, f"generated-only classifier, seed {seed}", None,

@@ -152,11 +152,12 @@ def accuracy(model, images_uint8, labels):
     return (logits.argmax(1) == labels).float().mean().item()
 
 
-def same_user_partners(labels, index, generator):
-    """For each image `index` of the batch, another random image index of the same user."""
-    partners = torch.empty_like(index)
-    for position, label in enumerate(labels[index].tolist()):
-        pool = (labels == label).nonzero().flatten()
+def same_user_partners(pools, batch_labels, generator):
+    """For each image of a batch, a random image index of the same user; `pools[u]` holds
+    the indices of user u's images (built once per training, not per step)."""
+    partners = torch.empty_like(batch_labels)
+    for position, label in enumerate(batch_labels.tolist()):
+        pool = pools[label]
         partners[position] = pool[torch.randint(len(pool), (1,), generator=generator)]
     return partners
 
@@ -182,6 +183,7 @@ def train_classifier(train, val, users, settings, seed, device="cpu", desc="clas
     batch_size = min(settings["batch_size"], len(images))
     best = {"val_accuracy": -1.0, "step": 0, "state": None}
     history, waited, order = [], 0, torch.zeros(0, dtype=torch.long)
+    pools = {int(u): (labels == u).nonzero().flatten() for u in labels.unique()} if augmentation else None
     bar = tqdm(range(1, max_steps + 1), desc=desc, leave=False, disable=not progress)
     for step in bar:
         model.train()
@@ -190,7 +192,7 @@ def train_classifier(train, val, users, settings, seed, device="cpu", desc="clas
         index, order = order[:batch_size], order[batch_size:]
         x = roll_time(to_model_input(images[index]), generator)
         if augmentation:
-            partners = roll_time(to_model_input(images[same_user_partners(labels, index, generator)]), generator)
+            partners = roll_time(to_model_input(images[same_user_partners(pools, labels[index], generator)]), generator)
             x = classic_augmentation(x, partners, augmentation, generator)
         x = x.to(device, memory_format=torch.channels_last)
         loss = F.cross_entropy(model(x), labels[index].to(device), label_smoothing=0.1)
@@ -228,13 +230,15 @@ class Job:
     max_train_steps: int = None
 
 
-def _job_settings(job, settings):
-    return {**settings, "max_train_steps": job.max_train_steps or settings["max_train_steps"]}
+def _train_job(job, users, settings, device="cpu", progress=True):
+    steps = job.max_train_steps or settings["max_train_steps"]
+    model, _ = train_classifier(job.train, job.val, users, {**settings, "max_train_steps": steps}, job.seed, device,
+                                desc=job.desc, progress=progress, augmentation=job.augmentation)
+    return model
 
 
 def _train_in_worker(job, users, settings):
-    model, _ = train_classifier(job.train, job.val, users, _job_settings(job, settings), job.seed, progress=False,
-                                augmentation=job.augmentation)
+    model = _train_job(job, users, settings, progress=False)
     return {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
 
 
@@ -245,15 +249,14 @@ def train_classifiers(jobs, users, settings, device="cpu", processes=None):
     convolutions use two threads poorly (docs/experiments.md). A process takes seconds to
     start (imports), so by default (`processes=None`) only jobs of 2000 steps or more in all
     are spread. On a GPU, one after another."""
-    steps = sum(_job_settings(job, settings)["max_train_steps"] for job in jobs)
+    steps = sum(job.max_train_steps or settings["max_train_steps"] for job in jobs)
     if torch.device(device).type != "cpu":
         processes = 1
     elif processes is None:
         processes = torch.get_num_threads() if steps >= 2000 else 1
     processes = min(len(jobs), processes)
     if processes <= 1:
-        return [train_classifier(job.train, job.val, users, _job_settings(job, settings), job.seed, device,
-                                 desc=job.desc, augmentation=job.augmentation)[0] for job in jobs]
+        return [_train_job(job, users, settings, device) for job in jobs]
     # spawn, not fork: a forked copy of a process whose thread pools already ran can hang.
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(1,)) as pool:

@@ -64,11 +64,10 @@ def protocol_jobs(train, val, generated, budgets, seeds, classic, max_train_step
             real = (train[0][index], train[1][index])
             mixed = (torch.cat([real[0], generated[0]]), torch.cat([real[1], generated[1]]))
             steps = steps_for(len(index), len(train[1]), max_train_steps)
-            for row, data, augmentation in (("real", real, None), ("real + classic", real, classic),
-                                            ("real + generated", mixed, None),
-                                            ("real + classic + generated", mixed, classic)):
-                jobs[row, budget, seed] = clf.Job(data, val, seed, f"{row}, {budget} per user, seed {seed}",
-                                                  augmentation, steps)
+            for row in ROWS:
+                jobs[row, budget, seed] = clf.Job(mixed if "generated" in row else real, val, seed,
+                                                  f"{row}, {budget} per user, seed {seed}",
+                                                  classic if "classic" in row else None, steps)
     return jobs
 
 
