@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default="outputs/pipeline", help="one folder for every stage's output")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--images_to_generate", type=int, help="generated images per user (preset)")
+    p.add_argument("--strength", type=float,
+                   help="generation from real train images noised this far, in (0, 1]; 1: from pure noise (preset)")
     p.add_argument("--train_images_per_user", type=int,
                    help="a budget-honest run: every model (VAE, diffusion, classifiers) sees only this many train "
                         "images per user, the same ones (val and test unchanged): what a user with N images gets")
@@ -62,6 +64,7 @@ def stages(args, out, data_dir):
     vae_model, diffusion_model = out / "vae/final_model", out / "diffusion/final_model"
     manifest = out / "dataset_manifest.json"
     split = ["--manifest", manifest]
+    strength = settings["strength"] if args.strength is None else args.strength
     plan = []
     if not args.data_dir:
         plan.append(("data", data_dir / "dataset_card.json", data_dir, python + [
@@ -85,7 +88,8 @@ def stages(args, out, data_dir):
         ("generate", out / "generated/manifest.json", out / "generated", python + [
             "inference/generate.py", "--model_path", diffusion_model, "--user_ids", "all", "--num_images_per_user",
             args.images_to_generate or settings["images_to_generate"], "--output_dir", out / "generated",
-            "--batch_size", 64, "--dtype", "auto", "--grid", "--overwrite", *device]),
+            "--batch_size", 64, "--dtype", "auto", "--grid", "--overwrite", *device, "--strength", strength,
+            *(["--source_dir", data_dir] if strength < 1 else [])]),
         ("evaluate", out / "evaluation/report.json", out / "evaluation", python + [
             "inference/evaluate.py", "--data_dir", data_dir, "--generated_dir", out / "generated",
             "--output_dir", out / "evaluation", *split, *preset, *device, "--overwrite"]),
@@ -135,7 +139,9 @@ def write_report(out, record):
     lines += [
         "## Generation", "",
         f"{len(generated['images'])} images, {len(resolved['users'])} users, {resolved['scheduler']} "
-        f"{resolved['num_inference_steps']} steps, guidance {resolved['guidance_scale']}, in `generated/` "
+        f"{resolved['num_inference_steps']} steps, guidance {resolved['guidance_scale']}"
+        + (f", each from a real train image of its user noised to strength {resolved['strength']}"
+           if resolved.get("strength", 1.0) < 1 else "") + ", in `generated/` "
         "(the dataset's layout). First images of each user:", "",
         "![generated](generated/grid.png)", "",
         render_markdown(evaluation, level=2, image_prefix="evaluation/"),
@@ -148,6 +154,8 @@ def main(args):
     for flag in ("images_to_generate", "train_images_per_user"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
     out = Path(args.output_dir).resolve()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file")
@@ -160,15 +168,18 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "pipeline.json"
     previous = json.loads(record_path.read_text()) if record_path.exists() and not args.force else {}
-    settings = {"preset": args.preset, "data_dir": str(data_dir), "train_images_per_user": args.train_images_per_user}
+    settings = {"preset": args.preset, "data_dir": str(data_dir), "train_images_per_user": args.train_images_per_user,
+                "strength": PRESETS[args.preset]["pipeline"]["strength"] if args.strength is None else args.strength}
     if (out / "dataset_manifest.json").exists() and not args.force:
         from utils.data_loader import DatasetManifest
 
         stored = DatasetManifest.load(out / "dataset_manifest.json").train_images_per_user
         changed = {k: v for k, v in settings.items() if previous.get(k, v) != v}
-        if stored != args.train_images_per_user or changed:
-            raise UsageError(f"{out} holds a run with other settings ({previous.get('preset')} preset, "
-                             f"train_images_per_user {stored}); choose another --output_dir or add --force")
+        if stored != args.train_images_per_user:
+            changed["train_images_per_user"] = args.train_images_per_user
+        if changed:
+            was = ", ".join(f"{k} {stored if k == 'train_images_per_user' else previous.get(k)}" for k in changed)
+            raise UsageError(f"{out} holds a run with other settings ({was}); choose another --output_dir or add --force")
     previous_times = {s["name"]: s["seconds"] for s in previous.get("stages", [])}
     plan = stages(args, out, data_dir)
     started = time.perf_counter()

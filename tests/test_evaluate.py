@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import run_cli
 from utils import classifier as clf
 from utils.classifier import load_classifier, resize
-from utils.presets import PRESETS
+from utils.presets import CLASSIC_AUGMENTATION, PRESETS
 
 CPU = ["--device", "cpu"]
 
@@ -87,7 +87,7 @@ def test_report_has_every_section_and_plot(evaluation, generated):
     assert report["gain"]["all"]["generator_saw_more"] is False and report["gain"]["2"]["generator_saw_more"] is True
     assert report["generator_saw"]["per_user"] == {"ID_1": 7, "ID_2": 7, "ID_3": 7}
     assert len(report["gain"]["all"]["per_user"]["real + generated"]) == 3
-    assert report["classic_augmentation"]["time_masks"] == 2
+    assert report["classic_augmentation"] == CLASSIC_AUGMENTATION
     assert set(report["distribution"]) >= {"frechet_distance", "precision", "recall", "density", "coverage"}
     assert 0 <= report["memorisation"]["share"] <= 1
     vae = report["vae"]  # the generator's VAE, found through the generated folder's manifest
@@ -195,9 +195,13 @@ def test_bad_input_exits_2(tiny_generator, generated, evaluation, tmp_path, case
 
 def test_classifier_recipe_benchmark_reports_accuracy_and_time(tiny_generator, tmp_path):
     result = run_cli("benchmarks/classifier_recipe.py", "--data_dir", tiny_generator / "data", "--preset", "tiny",
-                     "--max_train_steps", 4, "--seeds", 2, "--classic", *CPU, "--out", tmp_path / "recipe.json")
+                     "--max_train_steps", 4, "--seeds", 2, "--classic", "time_masks=1", "mixup_probability=0.3", *CPU,
+                     "--out", tmp_path / "recipe.json")
     assert result.returncode == 0, result.stderr
     numbers = json.loads((tmp_path / "recipe.json").read_text())
     assert [r["seed"] for r in numbers["runs"]] == [0, 1] and numbers["settings"]["max_train_steps"] == 4
-    assert 0 <= numbers["mean_test_accuracy"] <= 1 and numbers["classic_augmentation"]["mixup_alpha"] == 0.4
-    assert "classic augmentation: real test" in result.stdout
+    assert 0 <= numbers["mean_test_accuracy"] <= 1 and 0 <= numbers["mean_val_accuracy"] <= 1
+    assert numbers["classic_augmentation"] == {**CLASSIC_AUGMENTATION, "time_masks": 1, "mixup_probability": 0.3}
+    assert "val" in result.stdout and "real test" in result.stdout
+    bad = run_cli("benchmarks/classifier_recipe.py", "--data_dir", tiny_generator / "data", "--classic", "masks=2", *CPU)
+    assert bad.returncode == 2 and "KEY one of" in bad.stderr and "Traceback" not in bad.stderr

@@ -138,3 +138,65 @@ def test_an_image_does_not_depend_on_the_other_users_in_its_batch(model, tmp_pat
     assert alone.returncode == 0 and together.returncode == 0, alone.stderr + together.stderr
     for name in ("ID_2_seed100000.png", "ID_2_seed100001.png"):
         assert (tmp_path / "alone/ID_2" / name).read_bytes() == (tmp_path / "all/ID_2" / name).read_bytes()
+
+
+def test_image_to_image_starts_from_the_users_train_images(model, tiny_generator, tmp_path):
+    from utils.data_loader import DatasetManifest
+
+    manifest = DatasetManifest.load(model / "dataset_manifest.json")
+    train = {path for path, _ in manifest.samples("train")}
+    common = ["--model_path", model, "--user_ids", "all", "--num_images_per_user", 3, "--source_dir",
+              tiny_generator / "data", "--batch_size", 4, "--device", "cpu", "--num_inference_steps", 4]
+    runs = {}
+    for strength in (0.25, 1.0):
+        out = tmp_path / f"s{strength}"
+        result = run_cli(SCRIPT, *common, "--strength", strength, "--output_dir", out)
+        assert result.returncode == 0, result.stderr
+        runs[strength] = json.loads((out / "manifest.json").read_text())
+    records = runs[0.25]["images"]
+    assert runs[0.25]["resolved"]["strength"] == 0.25
+    for record in records:  # every source is a train image of the image's own user
+        assert record["source"] in train and record["source"].split("/")[0] == record["user"]
+    for user in ("ID_1", "ID_2", "ID_3"):  # a user's images start from distinct sources
+        assert len({r["source"] for r in records if r["user"] == user}) == 3
+
+
+
+def test_image_to_image_noises_the_source_to_the_level_of_its_first_step():
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler
+
+    from utils.sampling import sample_latents
+
+    calls = []
+
+    class NoNoise(torch.nn.Module):
+        """Predicts zero noise: DDIM then keeps x_t / sqrt(alpha_bar_t) of its first step to the end."""
+        dtype = torch.float32
+        config = SimpleNamespace(num_class_embeds=None)
+
+        def forward(self, x, t, encoder_hidden_states, class_labels=None):
+            calls.append(int(t))
+            return SimpleNamespace(sample=torch.zeros_like(x))
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=True)
+    start, seeds = torch.randn(2, 4, 8, 8), [3, 4]
+    latents = sample_latents(NoNoise(), lambda users: torch.zeros(len(users), 1, 4), scheduler, torch.tensor([0, 1]),
+                             seeds, (4, 8, 8), 1.0, 10, start_latents=start, strength=0.3)
+    assert len(calls) == 3 and calls[0] == int(scheduler.timesteps[7])  # the last 30% of the 10 steps
+    alpha_bar = scheduler.alphas_cumprod[calls[0]]
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    torch.testing.assert_close(latents, start + ((1 - alpha_bar) / alpha_bar).sqrt() * noise, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--strength", "0.5"], "give --source_dir"),
+    (["--strength", "0", "--source_dir", "x"], "--strength must be in (0, 1]"),
+    (["--strength", "1.5", "--source_dir", "x"], "--strength must be in (0, 1]"),
+])
+def test_image_to_image_bad_strength_exits_2(model, tmp_path, args, expected):
+    result = run_cli(SCRIPT, "--model_path", model, "--user_ids", 1, "--output_dir", tmp_path / "g", *args, *FAST)
+    assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "g").exists()

@@ -33,6 +33,8 @@ def test_tiny_pipeline_runs_every_stage_then_skips_what_is_complete(tmp_path):
     budget = run_cli("run_pipeline.py", "--preset", "tiny", "--output_dir", out, "--device", "cpu",
                      "--train_images_per_user", 3)
     assert budget.returncode == 2 and "holds a run with other settings" in budget.stderr
+    strength = run_cli("run_pipeline.py", "--preset", "tiny", "--output_dir", out, "--device", "cpu", "--strength", 0.5)
+    assert strength.returncode == 2 and "strength 1.0" in strength.stderr
 
     # A lost evaluation is redone alone; everything before it is skipped.
     shutil.rmtree(out / "evaluation")
@@ -41,6 +43,12 @@ def test_tiny_pipeline_runs_every_stage_then_skips_what_is_complete(tmp_path):
     skipped = [s["name"] for s in json.loads((out / "pipeline.json").read_text())["stages"] if s["skipped"]]
     assert skipped == STAGES[:-1]
     assert "[stage 3/7 vae] already complete" in again.stdout
+
+
+def test_an_impossible_strength_exits_2(tmp_path):
+    result = run_cli("run_pipeline.py", "--strength", 0, "--output_dir", tmp_path / "out")
+    assert result.returncode == 2 and "--strength must be in (0, 1]" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_missing_data_dir_exits_2(tmp_path):

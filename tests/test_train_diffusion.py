@@ -73,6 +73,26 @@ def test_tiny_run_writes_a_generator_that_reloads_alone(stage1, tmp_path):
     torch.testing.assert_close(plain(torch.tensor([1])), pipe.condition_encoder(torch.tensor([1])), rtol=1e-5, atol=1e-6)
 
 
+def test_class_embedding_puts_the_user_into_every_resnet_block(stage1, tmp_path):
+    from utils.pipeline import UserDiffusionPipeline
+
+    run = tmp_path / "run"
+    result = train(stage1, run, "--class_embedding")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run / "config.json").read_text())["class_embedding"] is True
+    pipe = UserDiffusionPipeline.from_pretrained(run / "final_model")
+    assert pipe.unet.config.num_class_embeds == 4  # 3 users + the null row of guidance
+    pipe.set_progress_bar_config(disable=True)
+    # One row of the class embedding changed: only that user's images change, the unconditional
+    # pass (guidance 1 draws none) and the other users' do not.
+    images = lambda: pipe(users=[1, 2], seeds=[0, 0], num_inference_steps=2, guidance_scale=1.0, output_type="pt").images
+    before = images()
+    with torch.no_grad():
+        pipe.unet.class_embedding.weight[1] += 1.0
+    after = images()
+    assert torch.equal(before[0], after[0]) and not torch.allclose(before[1], after[1])
+
+
 def test_resume_continues_and_reuses_the_latent_cache(stage1, tmp_path):
     run = tmp_path / "run"
     first = train(stage1, run, "--max_train_steps", 3, "--checkpointing_steps", 3)

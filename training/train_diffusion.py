@@ -94,6 +94,9 @@ def parse_args(argv=None):
     model.add_argument("--norm_num_groups", type=int, help="GroupNorm groups; divides every channel count")
     model.add_argument("--cross_attention_dim", type=int, help="width of the condition tokens")
     model.add_argument("--num_condition_tokens", type=int, help="tokens per user condition")
+    model.add_argument("--class_embedding", action=argparse.BooleanOptionalAction, default=None,
+                       help="the user also through the UNet's timestep embedding (every ResNet block), beside "
+                            "cross-attention")
     diffusion = p.add_argument_group("diffusion (preset)")
     diffusion.add_argument("--num_train_timesteps", type=int)
     diffusion.add_argument("--prediction_type", choices=["epsilon", "v_prediction"])

@@ -23,6 +23,7 @@ from utils.data_loader import SpectrogramDataset
 from utils.files import atomic_path
 from utils.losses import diffusion_loss
 from utils.presets import Config, resolve_preset
+from utils.sampling import class_labels
 from utils.training import adamw, check_optimisation, cosine_schedule, optimise, resolve_hardware
 
 CACHE_FILE = "latent_cache/train.safetensors"
@@ -74,7 +75,9 @@ def resolve_diffusion_config(given, vae_config=None):
 
 
 def build_unet(latent_channels, latent_size, block_out_channels, layers_per_block, attention_head_dim,
-               norm_num_groups, cross_attention_dim):
+               norm_num_groups, cross_attention_dim, num_class_embeds=None):
+    """The denoiser's UNet; with `num_class_embeds` (users + the null row) a user embedding
+    is added to the timestep embedding, so every ResNet block sees the user."""
     from diffusers import UNet2DConditionModel
 
     levels = len(block_out_channels)
@@ -92,6 +95,7 @@ def build_unet(latent_channels, latent_size, block_out_channels, layers_per_bloc
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=attention_head_dim,
         norm_num_groups=norm_num_groups,
+        num_class_embeds=num_class_embeds,
     )
 
 
@@ -118,13 +122,15 @@ class ConditionalDenoiser(torch.nn.Module):
 
     def forward(self, noisy_latents, timesteps, user_indices):
         tokens = self.condition_encoder(user_indices)  # (B, tokens, cross_attention_dim)
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=tokens).sample
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=tokens,
+                         class_labels=class_labels(self.unet, user_indices)).sample
 
 
 def build_denoiser(config, num_users):
     """The UNet and condition encoder of a resolved stage-2 configuration."""
     channels, size, _ = config.latent_shape
-    unet = build_unet(channels, size, **config.pick(*UNET_ARCHITECTURE))
+    unet = build_unet(channels, size, **config.pick(*UNET_ARCHITECTURE),
+                      num_class_embeds=num_users + 1 if config.class_embedding else None)
     encoder = UserConditionEncoder(num_users, config.cross_attention_dim, config.num_condition_tokens)
     return ConditionalDenoiser(unet, encoder)
 

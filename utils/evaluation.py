@@ -340,7 +340,9 @@ def render_markdown(report, level=1, image_prefix=""):
     lines = [f"{title} Evaluation of generated spectrograms", "", *r["headline"], "",
              f"Dataset `{r['data_dir']}`: {r['num_users']} users; real test split {r['counts']['test']} images, "
              f"train {r['counts']['train']}, val {r['counts']['val']}. Generated `{r['generated_dir']}`: "
-             f"{r['counts']['generated']} images at {r['resolution']}x{r['resolution']}, seen by the classifiers at "
+             f"{r['counts']['generated']} images at {r['resolution']}x{r['resolution']}"
+             + (f" (each from a real train image of its user, noised to strength {r['generator']['strength']})"
+                if r.get("generator", {}).get("strength", 1.0) < 1 else "") + ", seen by the classifiers at "
              f"{r['classifier_resolution']}x{r['classifier_resolution']}. Preset `{r['preset']}`; "
              f"mean ± standard deviation over classifier seeds. {r['seconds']:.0f} s.", "",
              f"{section} Does adding generated images help the classifier?", "",

@@ -23,7 +23,8 @@ from utils.condition_encoder import UserConditionEncoder
 from utils.data_loader import MANIFEST_NAME, DatasetManifest
 from utils.files import atomic_folder, write_json
 from utils.image_grid import to_pil
-from utils.sampling import DEFAULT_SAMPLER, GENERATOR_INFO, SAMPLERS, decode_latents, make_sampler, sample_latents
+from utils.sampling import (DEFAULT_SAMPLER, GENERATOR_INFO, SAMPLERS, decode_latents, encode_images, make_sampler,
+                            sample_latents)
 from utils.vae import load_vae
 
 MODEL_PARTS = ("vae/config.json", "unet/config.json", "condition_encoder/config.json",
@@ -159,22 +160,30 @@ class UserDiffusionPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, users, num_images_per_user=1, guidance_scale=None, num_inference_steps=None,
-                 generator=None, seeds=None, output_type="pil"):
+                 generator=None, seeds=None, output_type="pil", source_images=None, strength=1.0):
         """Images of the given users, `num_images_per_user` each, user by user.
 
         guidance_scale / num_inference_steps default to the values stored with the model
-        and to the scheduler's default step count."""
+        and to the scheduler's default step count. `source_images` ((B, 3, R, R) in [-1, 1],
+        one per image) with `strength` < 1: image to image, each source noised part of the
+        way and denoised as the user (utils.sampling.sample_latents)."""
         names = [name for name in self.manifest.resolve_users(users) for _ in range(num_images_per_user)]
         if seeds is None:
             seeds = torch.randint(0, 2**31 - 1, (len(names),), generator=generator).tolist()
         if len(seeds) != len(names):
             raise ValueError(f"{len(seeds)} seeds for {len(names)} images")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if source_images is not None and len(source_images) != len(names):
+            raise ValueError(f"{len(source_images)} source images for {len(names)} images")
         device = self._execution_device
         indices = torch.tensor([self.manifest.label_map[n] for n in names], device=device)
+        start = None if source_images is None else encode_images(self.vae, source_images, self.info["scaling_factor"])
         latents = sample_latents(
             self.unet, self.condition_encoder, self.scheduler, indices, seeds, self.info["latent_shape"],
             self.info["guidance_scale"] if guidance_scale is None else guidance_scale,
             num_inference_steps or SAMPLERS[self.sampler_name][1], progress=self.progress_bar,
+            start_latents=start, strength=strength,
         )
         images = decode_latents(self.vae, latents, self.info["scaling_factor"])
         if output_type == "pil":

@@ -37,6 +37,12 @@ def inference_dtype(choice, device):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice]
 
 
+def class_labels(unet, user_indices):
+    """The user indices (the null index included) for a UNet with a class embedding, which
+    then sees the user in every ResNet block; None for one without."""
+    return user_indices if unet.config.num_class_embeds else None
+
+
 def make_sampler(scheduler_config, name=DEFAULT_SAMPLER):
     """A sampling scheduler with the training schedule's betas and prediction type (the
     options are explicit: a config taken from another sampler may carry its own)."""
@@ -48,32 +54,52 @@ def make_sampler(scheduler_config, name=DEFAULT_SAMPLER):
 
 @torch.no_grad()
 def sample_latents(unet, condition_encoder, scheduler, user_indices, seeds, latent_shape, guidance_scale,
-                   num_inference_steps, progress=None):
+                   num_inference_steps, progress=None, start_latents=None, strength=1.0):
     """Latents (B, C, h, w) for the users `user_indices` (B,) from per-image `seeds`.
 
     guidance_scale 1 is the conditional model alone; above 1 the conditional and the
     null-token predictions come from one batched UNet call and are extrapolated:
-    pred = uncond + scale * (cond - uncond) (Ho & Salimans, 2022)."""
+    pred = uncond + scale * (cond - uncond) (Ho & Salimans, 2022).
+
+    With `start_latents` (B, C, h, w), image to image: each is noised to the level the
+    schedule reaches after `1 - strength` of its steps and denoised from there (SDEdit,
+    Meng et al. 2022; DA-Fusion, Trabucco et al. 2023), so the image keeps the source's
+    coarse layout and gets new detail of the user's kind; about `strength` x the steps run."""
     device = user_indices.device
     generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
     noise = torch.stack([torch.randn(tuple(latent_shape), generator=g) for g in generators]).to(device)
     scheduler.set_timesteps(num_inference_steps, device=device)
-    latents = noise * scheduler.init_noise_sigma
+    timesteps = scheduler.timesteps
+    if start_latents is None:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        skipped = (num_inference_steps - max(1, round(num_inference_steps * strength))) * scheduler.order
+        timesteps = timesteps[skipped:]
+        if hasattr(scheduler, "set_begin_index"):  # multistep samplers index their sigmas from here
+            scheduler.set_begin_index(skipped)
+        latents = scheduler.add_noise(start_latents.to(device).float(), noise, timesteps[:1].repeat(len(noise)))
     guided = guidance_scale != 1.0
-    tokens = condition_encoder(user_indices)
+    tokens, users = condition_encoder(user_indices), user_indices
     if guided:
         null = torch.full_like(user_indices, condition_encoder.config.num_users)
-        tokens = torch.cat([tokens, condition_encoder(null)])
-    timesteps = scheduler.timesteps if progress is None else progress(scheduler.timesteps)
+        tokens, users = torch.cat([tokens, condition_encoder(null)]), torch.cat([user_indices, null])
+    labels = class_labels(unet, users)
+    timesteps = timesteps if progress is None else progress(timesteps)
     for t in timesteps:
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t).to(unet.dtype)
-        prediction = unet(model_input, t, encoder_hidden_states=tokens.to(unet.dtype)).sample.float()
+        prediction = unet(model_input, t, encoder_hidden_states=tokens.to(unet.dtype), class_labels=labels).sample.float()
         if guided:
             conditional, unconditional = prediction.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
         latents = scheduler.step(prediction, t, latents, generator=generators).prev_sample
     return latents
+
+
+@torch.no_grad()
+def encode_images(vae, images, scaling_factor):
+    """Images in [-1, 1] (B, 3, R, R) -> diffusion-space latents: the posterior mean, scaled."""
+    return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean.float() * scaling_factor
 
 
 @torch.no_grad()
