@@ -55,6 +55,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def strength_of(args):
+    """How far generation noises a real train image: --strength, else the preset's (1: from noise)."""
+    return PRESETS[args.preset]["pipeline"]["strength"] if args.strength is None else args.strength
+
+
 def stages(args, out, data_dir):
     """(name, marker of a complete output, folder the stage owns, command) in running order."""
     python = [sys.executable]
@@ -64,7 +69,7 @@ def stages(args, out, data_dir):
     vae_model, diffusion_model = out / "vae/final_model", out / "diffusion/final_model"
     manifest = out / "dataset_manifest.json"
     split = ["--manifest", manifest]
-    strength = settings["strength"] if args.strength is None else args.strength
+    strength = strength_of(args)
     plan = []
     if not args.data_dir:
         plan.append(("data", data_dir / "dataset_card.json", data_dir, python + [
@@ -169,7 +174,7 @@ def main(args):
     record_path = out / "pipeline.json"
     previous = json.loads(record_path.read_text()) if record_path.exists() and not args.force else {}
     settings = {"preset": args.preset, "data_dir": str(data_dir), "train_images_per_user": args.train_images_per_user,
-                "strength": PRESETS[args.preset]["pipeline"]["strength"] if args.strength is None else args.strength}
+                "strength": strength_of(args)}
     if (out / "dataset_manifest.json").exists() and not args.force:
         from utils.data_loader import DatasetManifest
 

@@ -134,7 +134,7 @@ def source_images(args, manifest, resolution):
     train image that image k of the user starts from."""
     if args.source_dir is None:
         return None
-    from utils.data_loader import load_rgb, pil_to_array
+    from utils.classifier import image_array, to_model_input
 
     data_dir = Path(args.source_dir)
     manifest.check_matches(data_dir)
@@ -149,7 +149,7 @@ def source_images(args, manifest, resolution):
         if not train[user]:
             raise UsageError(f"--source_dir: user {user} has no train images to start from")
         path = train[user][order[user][k % len(train[user])]]
-        return path, pil_to_array(load_rgb(data_dir / path), resolution).float() / 127.5 - 1.0
+        return path, to_model_input(image_array(data_dir / path, resolution))
 
     return source
 

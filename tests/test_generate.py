@@ -161,7 +161,6 @@ def test_image_to_image_starts_from_the_users_train_images(model, tiny_generator
         assert len({r["source"] for r in records if r["user"] == user}) == 3
 
 
-
 def test_image_to_image_noises_the_source_to_the_level_of_its_first_step():
     from types import SimpleNamespace
 
