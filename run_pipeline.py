@@ -36,6 +36,7 @@ from utils.evaluation import render_markdown
 from utils.presets import PRESET_NAMES, PRESETS
 
 REPO_ROOT = Path(__file__).resolve().parent
+SPLIT_FLAGS = ("group_pattern", "groups_csv", "few_groups", "split_csv", "test_dir")  # passed to the manifest stage
 
 
 def parse_args(argv=None):
@@ -51,6 +52,14 @@ def parse_args(argv=None):
     p.add_argument("--train_images_per_user", type=int,
                    help="a budget-honest run: every model (VAE, diffusion, classifiers) sees only this many train "
                         "images per user, the same ones (val and test unchanged): what a user with N images gets")
+    split = p.add_argument_group("the split (made once, in the manifest stage; see python -m utils.data_loader --help)")
+    split.add_argument("--group_pattern", help="split by group: a regular expression over <user>/<file> whose first "
+                                               r"group names the recording, e.g. '(.*)_\d+\.\w+$'")
+    split.add_argument("--groups_csv", help="split by group: a CSV of <user>/<file>,group")
+    split.add_argument("--few_groups", choices=["error", "blocks"], help="a user with too few groups: stop (default) or "
+                                                                        "split its groups in time blocks")
+    split.add_argument("--split_csv", help="a lab's protocol: a CSV of <user>/<file>,split")
+    split.add_argument("--test_dir", help="a fixed test set in the user-folder layout, never seen by any model")
     p.add_argument("--force", action="store_true", help="redo every stage, even those already complete")
     return p.parse_args(argv)
 
@@ -79,8 +88,9 @@ def stages(args, out, data_dir):
     plan += [
         ("manifest", manifest, manifest, python + [
             "-m", "utils.data_loader", "--data_dir", data_dir, "--manifest_out", manifest,
-            "--resolution", settings["resolution"],
-            *(["--train_images_per_user", args.train_images_per_user] if args.train_images_per_user else [])]),
+            "--resolution", settings["resolution"], "--leak_pairs", out / "leak_check.png",
+            *(["--train_images_per_user", args.train_images_per_user] if args.train_images_per_user else []),
+            *[part for flag in SPLIT_FLAGS if getattr(args, flag) for part in (f"--{flag}", getattr(args, flag))]]),
         ("vae", vae_model / "config.json", out / "vae", python + [
             "training/train_vae.py", "--data_dir", data_dir, "--output_dir", out / "vae", *split, *preset, *device,
             "--resume_from_checkpoint", "latest"]),
@@ -161,6 +171,9 @@ def main(args):
             raise UsageError(f"--{flag} must be at least 1")
     if args.strength is not None and not 0 < args.strength <= 1:
         raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
+    for flag in ("groups_csv", "split_csv", "test_dir"):  # the stages run from the repository, not from here
+        if getattr(args, flag):
+            setattr(args, flag, str(Path(getattr(args, flag)).resolve()))
     out = Path(args.output_dir).resolve()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file")
@@ -174,7 +187,7 @@ def main(args):
     record_path = out / "pipeline.json"
     previous = json.loads(record_path.read_text()) if record_path.exists() and not args.force else {}
     settings = {"preset": args.preset, "data_dir": str(data_dir), "train_images_per_user": args.train_images_per_user,
-                "strength": strength_of(args)}
+                "strength": strength_of(args), **{flag: getattr(args, flag) for flag in SPLIT_FLAGS}}
     if (out / "dataset_manifest.json").exists() and not args.force:
         from utils.data_loader import DatasetManifest
 

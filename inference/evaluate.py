@@ -45,11 +45,12 @@ import torch
 from utils import classifier as clf
 from utils import evaluation as sections
 from utils.cli import UsageError, resolve_device, run
-from utils.data_loader import MANIFEST_NAME, SPLIT_DEFAULTS, DatasetManifest, add_split_arguments, check_data_dir, \
+from utils.data_loader import MANIFEST_NAME, SPLIT_DEFAULTS, SPLIT_SOURCES, DatasetManifest, add_split_arguments, check_data_dir, \
     is_image_file, stage_manifest
 from utils.evaluation import pct
 from utils.files import atomic_folder, output_folder
 from utils.image_grid import labelled_grid
+from utils.leakage import leak_check, pairs_grid
 from utils.presets import PRESET_NAMES, PRESETS
 from utils.sampling import DTYPES, inference_dtype
 
@@ -69,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--gain_seeds", type=int, help="paired seeds for the augmentation gain (preset)")
     p.add_argument("--max_train_steps", type=int, help="classifier training steps (preset)")
     p.add_argument("--classifier_resolution", type=int, help="side the classifiers see, images resized to it (preset)")
+    p.add_argument("--balance_users", action="store_true",
+                   help="every classifier draws every user equally often (users with unequal image counts)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="the VAE's weights for the reconstructions: auto = bf16 where the device computes it natively "
@@ -81,7 +84,7 @@ def parse_args(argv=None):
 
 
 def resolve_settings(args):
-    settings = dict(PRESETS[args.preset]["classifier"])
+    settings = {**PRESETS[args.preset]["classifier"], "balance_users": args.balance_users}
     evaluation = PRESETS[args.preset]["evaluation"]
     for name, flag in (("max_train_steps", "max_train_steps"), ("resolution", "classifier_resolution")):
         if getattr(args, flag) is not None:
@@ -151,7 +154,7 @@ def evaluation_manifest(args, data_dir, generator_manifest, classifier_manifest)
     ) if manifest is not None]
     if not stored:
         return stage_manifest(args, data_dir)
-    new_split = [f"--{name}" for name in SPLIT_DEFAULTS if getattr(args, name) is not None]
+    new_split = [f"--{name}" for name in (*SPLIT_DEFAULTS, *SPLIT_SOURCES) if getattr(args, name) is not None]
     if new_split:
         raise UsageError(f"{' '.join(new_split)} would make a new split, but {stored[0][1]} fixes it; drop them")
     manifest, name = stored[0]
@@ -262,6 +265,9 @@ def main(args):
     memo, pairs = sections.memorisation_section(gen_images, train[0], test[0], gen_paths,
                                                 [path for path, _ in manifest.samples("train")])
     log(f"distribution: FD {distribution['frechet_distance']:.2f}, memorisation {pct(memo['share'])}")
+    train_paths, test_paths = ([path for path, _ in manifest.samples(s)] for s in ("train", "test"))
+    leak = leak_check(train, test, train_paths, test_paths)
+    log(leak["message"])
 
     report = {
         "data_dir": str(data_dir), "generated_dir": str(generated_dir), "preset": args.preset,
@@ -270,7 +276,9 @@ def main(args):
         "num_seeds": len(references), "gain_seeds": gain_seeds, "generator": record.get("resolved", {}),
         "classic_augmentation": classic,
         "split": {"seed": manifest.seed, "val_fraction": manifest.val_fraction, "test_fraction": manifest.test_fraction,
-                  "train_images_per_user": manifest.train_images_per_user},
+                  "train_images_per_user": manifest.train_images_per_user, "description": manifest.describe(),
+                  "test_dir": manifest.test_dir or None},
+        "leak_check": leak,
         "generator_saw": None if generator_manifest is None else {
             "train_images": len(generator_manifest.files(["train"])),
             "per_user": dict(zip(generator_manifest.users, generator_counts)),
@@ -290,6 +298,7 @@ def main(args):
         shown = [to_pil_images(torch.stack([gen_images[i], train[0][j]])) for i, j in pairs]
         labelled_grid(shown, [f"{c['distance']:.1f}" for c in memo["closest"]], cell_size=max(96, resolution)).save(
             partial / "closest_pairs.png")
+        pairs_grid(leak, train[0], test[0], cell_size=max(96, resolution)).save(partial / "leak_pairs.png")
         grid_users = users[:: max(1, num_users // 6)][:6]
         rows = [to_pil_images(test[0][test[1] == manifest.label_map[u]][:4]) +
                 to_pil_images(gen_images[gen_labels == manifest.label_map[u]][:4]) for u in grid_users]

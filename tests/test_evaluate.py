@@ -81,6 +81,7 @@ def test_report_has_every_section_and_plot(evaluation, generated):
     for budget, gain in report["gain"].items():
         assert set(gain["rows"]) == {"real", "real + classic", "real + generated", "real + classic + generated"}
         assert all(len(accuracies) == 2 for accuracies in gain["rows"].values())
+        assert all(len(b) == 2 and all(0 <= v <= 1 for v in b) for b in gain["balanced_rows"].values())
         assert all(c["n"] == 2 and c["verdict"] in ("helps", "hurts", "no measurable effect")
                    for c in gain["comparisons"].values())
         assert report["verdict"][budget]["against real only"] == gain["comparisons"]["generated vs real only"]["verdict"]
@@ -90,6 +91,8 @@ def test_report_has_every_section_and_plot(evaluation, generated):
     assert report["classic_augmentation"] == CLASSIC_AUGMENTATION
     assert set(report["distribution"]) >= {"frechet_distance", "precision", "recall", "density", "coverage"}
     assert 0 <= report["memorisation"]["share"] <= 1
+    assert report["leak_check"]["test_images"] == 6 and report["split"]["description"].startswith("at random by image")
+    assert 0 <= report["identity"]["real_test_balanced"]["mean"] <= 1
     vae = report["vae"]  # the generator's VAE, found through the generated folder's manifest
     real, kept = report["identity"]["real_test"]["mean"], vae["real_train_classifiers_on_reconstructed_test"]["mean"]
     assert vae["identity_kept"] == kept / real if real > 0 else math.isnan(vae["identity_kept"])
@@ -98,8 +101,9 @@ def test_report_has_every_section_and_plot(evaluation, generated):
     markdown = (evaluation / "report.md").read_text()
     assert markdown.splitlines()[2].startswith("With all their real train images (7 per user, the users' case)")
     assert "generator saw more real data" in markdown.splitlines()[3]
+    assert "leak check: " in markdown and "Balanced accuracy" in markdown
     for plot in ("confusion.png", "per_user_accuracy.png", "augmentation_gain.png", "gain_per_user.png",
-                 "closest_pairs.png", "real_vs_generated.png"):
+                 "closest_pairs.png", "real_vs_generated.png", "leak_pairs.png"):
         assert f"({plot})" in markdown
         assert Image.open(evaluation / plot).size[0] > 50
     load_classifier(evaluation / "classifier")

@@ -121,6 +121,32 @@ def test_layout_card_and_loader(tmp_path):
     assert list(scan.files) == ["ID_1", "ID_2", "ID_3"] and not scan.unreadable
 
 
+def test_recordings_are_consecutive_overlapping_windows(tmp_path):
+    result = simulate(tmp_path / "sim", "--windows_per_recording", 4, users=2, images=10, resolution=64)
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in (tmp_path / "sim" / "ID_1").iterdir())
+    assert names == [f"ID_1_rec{r:03d}_{w:03d}.png" for r, w in ((0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2),
+                                                                (1, 3), (2, 0), (2, 1))]
+    card = json.loads((tmp_path / "sim" / "dataset_card.json").read_text())
+    assert card["windows_per_recording"] == 4 and "near-copies" in card["recordings"]
+    images = card["users"][0]["images"]
+    assert images["ID_1_rec001_002.png"]["recording"] == "rec001"
+    assert images["ID_1_rec001_000.png"] == images["ID_1_rec001_003.png"]  # one walk
+    assert images["ID_1_rec001_000.png"]["speed_mps"] != images["ID_1_rec002_000.png"]["speed_mps"]
+
+    def grey(name):
+        return np.asarray(Image.open(tmp_path / "sim" / "ID_1" / name).convert("L"), dtype=np.float64)
+
+    def correlation(a, b):
+        return np.corrcoef(a.ravel(), b.ravel())[0, 1]
+
+    # The second half of a window is the first half of the next one; another walk is not.
+    first, second, other = grey("ID_1_rec000_001.png"), grey("ID_1_rec000_002.png"), grey("ID_1_rec001_002.png")
+    half = first.shape[1] // 2
+    assert correlation(first[:, half:], second[:, :half]) > 0.75  # 0.85: each window is scaled to its own peak
+    assert correlation(first[:, half:], other[:, :half]) < 0.6  # 0.47
+
+
 def test_same_arguments_give_identical_files(tmp_path):
     assert simulate(tmp_path / "a", "--workers", 1).returncode == 0
     assert simulate(tmp_path / "b", "--workers", 2).returncode == 0

@@ -54,3 +54,29 @@ def test_an_impossible_strength_exits_2(tmp_path):
 def test_a_missing_data_dir_exits_2(tmp_path):
     result = run_cli("run_pipeline.py", "--data_dir", tmp_path / "nowhere", "--output_dir", tmp_path / "out")
     assert result.returncode == 2 and "nowhere" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_recordings_split_by_group_with_a_fixed_test_folder(tmp_path):
+    """A user's own data: windows of recordings, split by recording, and a separate test folder."""
+    data, test_dir = tmp_path / "walks", tmp_path / "held_out"
+    made = run_cli("-m", "utils.gait_simulator", "--output_dir", data, "--num_users", 3, "--images_per_user", 16,
+                   "--windows_per_recording", 4, "--resolution", 32)
+    assert made.returncode == 0, made.stderr
+    for user in ("ID_1", "ID_2", "ID_3"):  # the last recording of each user is the lab's fixed test set
+        (test_dir / user).mkdir(parents=True)
+        for path in (data / user).glob("*_rec003_*.png"):
+            path.rename(test_dir / user / path.name)
+    out = tmp_path / "pipeline"
+    result = run_cli("run_pipeline.py", "--preset", "tiny", "--data_dir", data, "--group_pattern", r"(.*)_\d+\.png$",
+                     "--test_dir", test_dir, "--output_dir", out, "--device", "cpu")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = DatasetManifest.load(out / "dataset_manifest.json")
+    assert manifest.test_dir == str(test_dir) and manifest.grouping == "pattern"
+    assert manifest.files(["test"]) == {f"ID_{u}/ID_{u}_rec003_{w:03d}.png" for u in (1, 2, 3) for w in range(4)}
+    for folder in ("vae/final_model", "diffusion/final_model", "evaluation/classifier"):
+        assert manifest.split_mismatch(DatasetManifest.load(out / folder)) is None, folder
+    report = json.loads((out / "evaluation/report.json").read_text())
+    assert report["counts"]["test"] == 12 and report["split"]["test_dir"] == str(test_dir)
+    assert not report["leak_check"]["flagged"]
+    assert "leak check: 0 of 12 test images" in result.stdout and (out / "leak_check.png").is_file()
+    assert "Split by group (--group_pattern" in (out / "report.md").read_text()

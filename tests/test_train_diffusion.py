@@ -182,10 +182,11 @@ def test_bad_input_exits_2(stage1, tmp_path, case):
 
 
 def test_dry_run_shows_the_resolved_configuration(stage1, tmp_path):
-    result = train(stage1, tmp_path / "run", "--dry_run", "--condition_dropout", 0.2)
+    result = train(stage1, tmp_path / "run", "--dry_run", "--condition_dropout", 0.2, "--balance_users")
     assert result.returncode == 0, result.stderr
     config = json.loads(result.stdout)
     assert config["condition_dropout"] == 0.2 and config["resolution"] == 32 and config["use_ema"] is True
+    assert config["balance_users"] is True
     assert config["latent_shape"] == [4, 16, 16] and "block_out_channels" in config["preset_filled"]
     assert not (tmp_path / "run").exists()
 

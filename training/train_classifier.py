@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int)
     p.add_argument("--learning_rate", type=float)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--balance_users", action="store_true",
+                   help="draw every user equally often (for users with unequal image counts); default: every image once "
+                        "per epoch")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing classifier folder")
     p.add_argument("--dry_run", action="store_true", help="print the resolved configuration and exit")
@@ -75,10 +78,9 @@ def main(args):
     config = resolve_config(args, train_count)
     output_dir = output_folder(config.output_dir, config.overwrite)
     device = resolve_device(config.device)
-    settings = config.pick(*SETTINGS)
+    settings = {**config.pick(*SETTINGS), "balance_users": args.balance_users}
     split = (f"--manifest {config.manifest}" if config.manifest else
-             f"a new split of --data_dir (seed {manifest.seed}, val {manifest.val_fraction:g}, test "
-             f"{manifest.test_fraction:g}); give --manifest to use a trained model's split")
+             f"a new split of --data_dir {manifest.describe()}; give --manifest to use a trained model's split")
     print(f"classifier: {manifest.num_users} users, {train_count} train images at {config.resolution}x{config.resolution}, "
           f"CNN widths {settings['widths']} depths {settings['depths']}, up to {config.max_train_steps} steps "
           f"of {config.batch_size}, seed {config.seed}, {device}\n  split: {split}")
@@ -89,12 +91,12 @@ def main(args):
     started = time.perf_counter()
     train, val, test = (clf.load_split(data_dir, manifest, s, config.resolution) for s in ("train", "val", "test"))
     model, history = clf.train_classifier(train, val, manifest.users, settings, config.seed, device)
-    test_accuracy = clf.accuracy(model, *test)
+    test_accuracy, test_balanced = clf.accuracies(model, *test)
     info = {"arguments": config.to_dict(), "resolution": config.resolution, "seed": config.seed, "settings": settings,
             "data_dir": str(data_dir), "counts": {s: len(x[1]) for s, x in zip(("train", "val", "test"), (train, val, test))},
-            "test_accuracy": test_accuracy, "seconds": time.perf_counter() - started, **history}
+            "test_accuracy": test_accuracy, "test_balanced_accuracy": test_balanced, "seconds": time.perf_counter() - started, **history}
     clf.save_classifier(model.cpu(), output_dir, manifest, info)
-    print(f"test accuracy {test_accuracy:.3f} on {len(test[1])} real test images (best val {history['best_val_accuracy']:.3f} "
+    print(f"test accuracy {test_accuracy:.3f} (balanced {test_balanced:.3f}) on {len(test[1])} real test images (best val {history['best_val_accuracy']:.3f} "
           f"at step {history['best_step']}); wrote {output_dir}")
     return 0
 

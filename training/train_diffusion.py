@@ -34,7 +34,7 @@ from utils.pipeline import save_generator
 from utils.presets import PRESET_NAMES
 from utils.sampling import decode_latents, make_sampler, sample_latents
 from utils.training import add_training_arguments, make_accelerator, resume_point, start_run, total_steps, train_loader, train_loop, \
-    write_run_config
+    user_weights, write_run_config
 from utils.vae import trained_vae
 
 
@@ -98,6 +98,9 @@ def parse_args(argv=None):
                        help="the user also through the UNet's timestep embedding (every ResNet block), beside "
                             "cross-attention")
     diffusion = p.add_argument_group("diffusion (preset)")
+    diffusion.add_argument("--balance_users", action=argparse.BooleanOptionalAction, default=None,
+                           help="draw every user equally often (users with unequal image counts); default off: every "
+                                "image once per epoch")
     diffusion.add_argument("--num_train_timesteps", type=int)
     diffusion.add_argument("--prediction_type", choices=["epsilon", "v_prediction"])
     diffusion.add_argument("--snr_gamma", type=float, help="Min-SNR weighting gamma (e.g. 5); 0 = plain MSE")
@@ -134,7 +137,8 @@ def main(args):
     dataset = LatentDataset(cache)
     if len(dataset) < config.batch_size:
         raise UsageError(f"{len(dataset)} train images: too few for --batch_size {config.batch_size}")
-    loader = accelerator.prepare(train_loader(dataset, config.batch_size, config.seed))
+    weights = user_weights(cache["user_index"]) if config.balance_users else None
+    loader = accelerator.prepare(train_loader(dataset, config.batch_size, config.seed, weights=weights))
     # Per process: each step takes one batch on every process (the effective batch is batch x processes).
     max_steps, steps_per_epoch = total_steps(config.max_train_steps, config.num_epochs, len(loader),
                                              config.gradient_accumulation_steps)

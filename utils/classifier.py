@@ -32,7 +32,7 @@ from utils.cli import UsageError
 from utils.data_loader import MANIFEST_NAME, DatasetManifest, is_image_file, load_rgb, natural_key, pil_to_array
 from utils.files import atomic_folder
 from utils.augment import classic_augmentation, roll_time
-from utils.training import adamw
+from utils.training import adamw, user_weights
 
 CONFIG_NAME = "config.json"
 TRAINING_INFO = "training.json"
@@ -72,8 +72,8 @@ def stack(paths, labels, resolution):
 
 def load_split(data_dir, manifest, split, resolution):
     """(images uint8 (N, 3, R, R), labels (N,)) of one split of the manifest."""
-    samples = manifest.samples(split)
-    return stack([Path(data_dir) / relative for relative, _ in samples], [label for _, label in samples], resolution)
+    samples, root = manifest.samples(split), manifest.root(split, data_dir)
+    return stack([root / relative for relative, _ in samples], [label for _, label in samples], resolution)
 
 
 def load_image_folder(folder, manifest, resolution, flag="--generated_dir"):
@@ -152,6 +152,20 @@ def accuracy(model, images_uint8, labels):
     return (logits.argmax(1) == labels).float().mean().item()
 
 
+def balanced(predicted, labels):
+    """Balanced accuracy: the mean over the users present of each user's accuracy, so a user
+    with many test images counts as much as one with few."""
+    return torch.stack([(predicted[labels == user] == user).float().mean() for user in labels.unique()]).mean().item()
+
+
+def accuracies(model, images_uint8, labels):
+    """(accuracy, balanced accuracy) from one prediction pass."""
+    if len(labels) == 0:
+        return float("nan"), float("nan")
+    predicted = predict(model, images_uint8)[0].argmax(1)
+    return (predicted == labels).float().mean().item(), balanced(predicted, labels)
+
+
 def same_user_partners(pools, batch_labels, generator):
     """For each image of a batch, a random image index of the same user; `pools[u]` holds
     the indices of user u's images (built once per training, not per step)."""
@@ -166,7 +180,8 @@ def train_classifier(train, val, users, settings, seed, device="cpu", desc="clas
                      augmentation=None):
     """Train from scratch on `train` = (uint8 images, labels); keep the weights with the
     best accuracy on `val` (evaluated every `eval_every` steps), stop after `patience`
-    evaluations without improvement. Every batch is shifted circularly in time; with
+    evaluations without improvement. With `settings["balance_users"]` batches draw every user
+    equally often instead of every image once per epoch. Every batch is shifted circularly in time; with
     `augmentation` (utils.augment.classic_augmentation's settings) it is also mixed within
     users and masked. Returns (model on device, history dict)."""
     images, labels = train
@@ -184,11 +199,14 @@ def train_classifier(train, val, users, settings, seed, device="cpu", desc="clas
     best = {"val_accuracy": -1.0, "step": 0, "state": None}
     history, waited, order = [], 0, torch.zeros(0, dtype=torch.long)
     pools = {int(u): (labels == u).nonzero().flatten() for u in labels.unique()} if augmentation else None
+    # balance_users: every user drawn equally often, whatever their image counts (with replacement).
+    weights = user_weights(labels) if settings.get("balance_users") else None
     bar = tqdm(range(1, max_steps + 1), desc=desc, leave=False, disable=not progress)
     for step in bar:
         model.train()
         if len(order) < batch_size:  # a fresh permutation per epoch; the last partial batch is dropped
-            order = torch.randperm(len(images), generator=generator)
+            order = (torch.randperm(len(images), generator=generator) if weights is None else
+                     torch.multinomial(weights, len(images), replacement=True, generator=generator))
         index, order = order[:batch_size], order[batch_size:]
         x = roll_time(to_model_input(images[index]), generator)
         if augmentation:

@@ -113,6 +113,8 @@ def identity_section(references, test, generated, num_users):
     section = {
         "real_test": mean_std([s["accuracy"] for s in real_scores]),
         "generated": mean_std([s["accuracy"] for s in scores]),
+        "real_test_balanced": mean_std([np.nanmean(s["per_user"]) for s in real_scores]),
+        "generated_balanced": mean_std([np.nanmean(s["per_user"]) for s in scores]),
         "per_user_real_test": np.nanmean([s["per_user"] for s in real_scores], 0).tolist(),
         "per_user_generated": np.nanmean([s["per_user"] for s in scores], 0).tolist(),
         "confusion_generated_seed0": scores[0]["confusion"],
@@ -147,12 +149,14 @@ def gain_section(models, test, budgets, seeds, generator_train_counts, num_users
     verdict, the budget's label, and at "all" the per-user accuracy of real vs real + generated."""
     gain = {}
     for budget in budgets:
-        rows = {row: [clf.accuracy(models[row, budget, seed], *test) for seed in range(seeds)] for row in ROWS}
+        scores = {row: [clf.accuracies(models[row, budget, seed], *test) for seed in range(seeds)] for row in ROWS}
+        rows = {row: [a for a, _ in values] for row, values in scores.items()}
         comparisons = {}
         for name, (row, baseline) in COMPARISONS.items():
             interval = paired_interval(np.subtract(rows[row], rows[baseline]))
             comparisons[name] = {**interval, "verdict": verdict(interval)}
-        gain[budget] = {"rows": rows, "comparisons": comparisons, **generator_label(budget, generator_train_counts)}
+        gain[budget] = {"rows": rows, "balanced_rows": {row: [b for _, b in values] for row, values in scores.items()},
+                        "comparisons": comparisons, **generator_label(budget, generator_train_counts)}
         if budget == "all":
             gain[budget]["per_user"] = {row: np.nanmean([identity_scores(models[row, budget, seed], *test, num_users)[
                 "per_user"] for seed in range(seeds)], 0).tolist() for row in ("real", "real + generated")}
@@ -312,6 +316,8 @@ def headline(report):
     """One sentence per budget, the users' case ("all") first: what adding the generated
     images does to real test accuracy, against real only and on top of classic augmentation."""
     sentences = []
+    if report.get("leak_check", {}).get("flagged"):
+        sentences.append(f"**{report['leak_check']['message']}.** Every number below is inflated by it.")
     for budget, g in report["gain"].items():
         if budget == "all":
             per_user = report["counts"]["train"] / report["num_users"]
@@ -345,6 +351,9 @@ def render_markdown(report, level=1, image_prefix=""):
                 if r.get("generator", {}).get("strength", 1.0) < 1 else "") + ", seen by the classifiers at "
              f"{r['classifier_resolution']}x{r['classifier_resolution']}. Preset `{r['preset']}`; "
              f"mean ± standard deviation over classifier seeds. {r['seconds']:.0f} s.", "",
+             *([f"Split {r['split']['description']}. {r['leak_check']['message']} "
+                f"({picture('leak_pairs.png', 'closest test and train pairs')}: test left, nearest train right).", ""]
+               if r.get("leak_check") else []),
              f"{section} Does adding generated images help the classifier?", "",
              "Person-ID classifiers trained from scratch on a budget of real train images per user (`all`: the whole "
              "train split, the users' case), in four rows: real only, with classic spectrogram augmentation, with "
@@ -356,6 +365,12 @@ def render_markdown(report, level=1, image_prefix=""):
              "|---|---|" + "---|" * len(ROWS)]
     for budget, g in r["gain"].items():
         lines.append(f"| {budget} | {g['label']} | " + " | ".join(spread(mean_std(g["rows"][row])) for row in ROWS) + " |")
+    if all("balanced_rows" in g for g in r["gain"].values()):
+        lines += ["", "Balanced accuracy (the mean of per-user accuracies: every user counts the same, however many "
+                  "test images they have):", "", "| real images per user | " + " | ".join(ROWS) + " |",
+                  "|---|" + "---|" * len(ROWS)]
+        lines += [f"| {budget} | " + " | ".join(spread(mean_std(g["balanced_rows"][row])) for row in ROWS) + " |"
+                  for budget, g in r["gain"].items()]
     lines += ["", "| real images per user | comparison | difference | 95% CI | verdict |", "|---|---|---|---|---|"]
     for budget, g in r["gain"].items():
         for name, c in g["comparisons"].items():
@@ -375,6 +390,9 @@ def render_markdown(report, level=1, image_prefix=""):
     if v:
         lines.append(f"| VAE reconstructions of train | {len(v['generated']['values'])} | {spread(v['real_test'])} | "
                      f"{spread(v['reconstructed_test'])} | {spread(v['generated'])} |")
+    if "real_test_balanced" in identity:
+        lines += ["", f"Balanced accuracy of the real-train classifiers: real test {spread(identity['real_test_balanced'])}, "
+                  f"generated {spread(identity['generated_balanced'])}."]
     lines += ["", f"Generated accuracy relative to real test accuracy: **{pct(identity['ratio'])}** "
               "(reference classifiers). With the VAE classifier the gap between reconstructed test and generated "
               "is what the diffusion model loses; the gap between real and reconstructed is the VAE's share.", ""]

@@ -28,6 +28,13 @@ the distance, the noise floor, the clutter and the swing of each joint a little.
 differ from the average person: 0 makes everyone the same, 1 (default) is subtle, 2 is
 easy to tell apart.
 
+Recordings: by default every image is its own walk (independent images). With
+`--windows_per_recording W`, a user's images are cut from recordings of W consecutive
+windows of one longer walk, each window overlapping the next by half (as real datasets
+are cut), named `ID_k_rec003_007.png` (recording 3, window 7); the card lists each image's
+recording. A random split of such data puts near-copies on both sides: split them by
+recording (`--group_pattern '(.*)_\\d+\\.png$'`).
+
     python -m utils.gait_simulator --output_dir data/simulated --num_users 31 \
         --images_per_user 150 --resolution 256 --seed 0
 """
@@ -456,6 +463,12 @@ class SimulationSettings:
     identity_strength: float = 1.0
     max_aspect_deg: float = 30.0
     radar: RadarConfig = field(default_factory=RadarConfig)
+    windows_per_recording: int = 1  # 1: every image is its own walk
+
+    def recordings(self):
+        """(recording index, number of windows) of one user; the last recording may be shorter."""
+        w = self.windows_per_recording
+        return [(r, min(w, self.images_per_user - r * w)) for r in range(-(-self.images_per_user // w))]
 
 
 def simulate_image(settings, user_number, image_index, lut=None):
@@ -468,27 +481,60 @@ def simulate_image(settings, user_number, image_index, lut=None):
     return render_image(spectrogram_db(signal, settings.radar), settings.radar, settings.resolution, lut), walk
 
 
+def simulate_recording(settings, user_number, recording, windows, lut=None):
+    """`windows` images cut from one walk, each overlapping the next by half a window, and the walk.
+
+    The walk starts as much further away as it lasts longer than one window, so it ends
+    where an independent image's walk would, in front of the radar."""
+    person = user_person(settings.seed, user_number, settings.identity_strength)
+    rng = np.random.default_rng([settings.seed, user_number, 2, recording])
+    walk = sample_walk(person, rng, settings.max_aspect_deg)
+    radar = settings.radar
+    # Columns of one window as in an independent image; window k starts k half-windows later.
+    width = spectrogram_db(np.zeros(int(round(radar.duration_s * radar.prf_hz))), radar).shape[1]
+    step = width // 2
+    extra_s = (windows - 1) * step * max(1, int(round(radar.hop_s * radar.prf_hz))) / radar.prf_hz
+    walk = replace(walk, distance_m=walk.distance_m + walk.speed_mps * extra_s)
+    power_db = spectrogram_db(radar_signal(person, walk, replace(radar, duration_s=radar.duration_s + extra_s), rng), radar)
+    lut = colour_lut(radar.colormap) if lut is None else lut
+    images = [render_image(power_db[:, k * step:k * step + width], radar, settings.resolution, lut) for k in range(windows)]
+    return images, walk
+
+
 def user_folder(user_number):
     return f"ID_{user_number}"
 
 
-def image_name(user_number, image_index):
-    return f"ID_{user_number}_{image_index:04d}.png"
+def image_name(user_number, image_index, recording=None):
+    """`ID_5_0007.png`, or `ID_5_rec002_003.png` for window 3 of recording 2."""
+    if recording is None:
+        return f"ID_{user_number}_{image_index:04d}.png"
+    return f"ID_{user_number}_rec{recording:03d}_{image_index:03d}.png"
 
 
 _worker_lut = None
 
 
 def _write_image(job):
-    """Worker: simulate and save one image; returns its walk parameters."""
+    """Worker: simulate and save one image (or one recording's windows); returns
+    {file name: walk parameters} of what it wrote."""
     global _worker_lut
-    settings, folder, user_number, image_index = job
+    settings, folder, user_number, index, windows = job
     if _worker_lut is None:
         _worker_lut = colour_lut(settings.radar.colormap)
-    image, walk = simulate_image(settings, user_number, image_index, _worker_lut)
-    # zlib level 1: a third of level 6's time for 17% larger files; still deterministic.
-    image.save(Path(folder) / user_folder(user_number) / image_name(user_number, image_index), compress_level=1)
-    return asdict(walk)
+    if windows is None:
+        image, walk = simulate_image(settings, user_number, index, _worker_lut)
+        named = {image_name(user_number, index): image}
+    else:
+        images, walk = simulate_recording(settings, user_number, index, windows, _worker_lut)
+        named = {image_name(user_number, k, recording=index): image for k, image in enumerate(images)}
+    walk = asdict(walk)
+    if windows is not None:
+        walk["recording"] = f"rec{index:03d}"
+    for name, image in named.items():
+        # zlib level 1: a third of level 6's time for 17% larger files; still deterministic.
+        image.save(Path(folder) / user_folder(user_number) / name, compress_level=1)
+    return user_number, {name: walk for name in named}
 
 
 def write_dataset(output_dir, settings, workers=1, overwrite=False, progress=True):
@@ -502,39 +548,40 @@ def write_dataset(output_dir, settings, workers=1, overwrite=False, progress=Tru
         with atomic_folder(output_dir) as partial:
             for user in range(1, settings.num_users + 1):
                 (partial / user_folder(user)).mkdir()
-            jobs = [
-                (settings, str(partial), user, index)
-                for user in range(1, settings.num_users + 1)
-                for index in range(settings.images_per_user)
-            ]
+            users = range(1, settings.num_users + 1)
+            if settings.windows_per_recording == 1:
+                jobs = [(settings, str(partial), user, index, None) for user in users for index in range(settings.images_per_user)]
+            else:
+                jobs = [(settings, str(partial), user, r, w) for user in users for r, w in settings.recordings()]
             started = time.perf_counter()
-            bar = dict(total=len(jobs), desc="simulating", unit="img", disable=not progress)
+            bar = dict(total=len(jobs), desc="simulating", unit="img" if jobs[0][-1] is None else "recording",
+                       disable=not progress)
             if workers > 1:
                 with ProcessPoolExecutor(max_workers=workers) as pool:
-                    walks = list(tqdm(pool.map(_write_image, jobs, chunksize=16), **bar))
+                    results = list(tqdm(pool.map(_write_image, jobs, chunksize=16 if jobs[0][-1] is None else 1), **bar))
             else:
-                walks = [_write_image(job) for job in tqdm(jobs, **bar)]
+                results = [_write_image(job) for job in tqdm(jobs, **bar)]
             seconds = time.perf_counter() - started
+            walks = {user: {} for user in users}
+            for user, named in results:
+                walks[user].update(named)
             write_card(partial, settings, walks)
     except OSError as error:  # an unwritable place or a full disk: the user can fix either
         raise UsageError(f"cannot write {output_dir}: {error.strerror or error}") from None
-    return len(jobs), seconds
+    return settings.num_users * settings.images_per_user, seconds
 
 
 def write_card(folder, settings, walks):
-    users = []
-    for user in range(1, settings.num_users + 1):
-        first = (user - 1) * settings.images_per_user
-        users.append(
-            {
-                "folder": user_folder(user),
-                "user_number": user,
-                "person": asdict(user_person(settings.seed, user, settings.identity_strength)),
-                "images": {
-                    image_name(user, index): walks[first + index] for index in range(settings.images_per_user)
-                },
-            }
-        )
+    """dataset_card.json; `walks` maps user number -> {file name: walk parameters}."""
+    users = [
+        {
+            "folder": user_folder(user),
+            "user_number": user,
+            "person": asdict(user_person(settings.seed, user, settings.identity_strength)),
+            "images": walks[user],
+        }
+        for user in range(1, settings.num_users + 1)
+    ]
     radar = asdict(settings.radar)
     radar["wavelength_m"] = settings.radar.wavelength_m
     card = {
@@ -547,6 +594,11 @@ def write_card(folder, settings, walks):
         "resolution": settings.resolution,
         "identity_strength": settings.identity_strength,
         "max_aspect_deg": settings.max_aspect_deg,
+        "windows_per_recording": settings.windows_per_recording,
+        "recordings": ("independent images: every image is its own walk" if settings.windows_per_recording == 1 else
+                       f"each recording is one walk cut into up to {settings.windows_per_recording} windows, each "
+                       "overlapping the next by half; images that share `recording` (the `recNNN` in the file name) "
+                       "are near-copies of each other: keep a recording on one side of a split"),
         "radar": radar,
         "image_axes": "rows: Doppler from +prf/2 (top, approaching) to -prf/2; columns: time",
         "users": users,
@@ -583,6 +635,10 @@ def parse_args(argv=None):
         default=1.0,
         help="how much people differ from the average person: 0 = all alike, 1 = subtle (default), 2 = easy",
     )
+    parser.add_argument("--windows_per_recording", type=int, default=1,
+                        help="cut each user's images from recordings of this many consecutive windows of one walk, "
+                             "each overlapping the next by half (file names carry the recording); default 1: "
+                             "independent images")
     parser.add_argument("--max_aspect_deg", type=float, default=30.0, help="walking directions vary within +-this angle of the radar's line of sight (default 30)")
     parser.add_argument("--carrier_ghz", type=float, default=RadarConfig.carrier_hz / 1e9, help="radar carrier frequency in GHz (default 5.8)")
     parser.add_argument("--prf_hz", type=float, default=RadarConfig.prf_hz, help=f"pulse repetition frequency; the image spans +-prf/2 Doppler (default {RadarConfig.prf_hz:g})")
@@ -595,7 +651,7 @@ def parse_args(argv=None):
 
 
 def settings_from_args(args):
-    for name in ("num_users", "images_per_user", "workers"):
+    for name in ("num_users", "images_per_user", "workers", "windows_per_recording"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.resolution < 16:
@@ -619,6 +675,7 @@ def settings_from_args(args):
         identity_strength=args.identity_strength,
         max_aspect_deg=args.max_aspect_deg,
         radar=radar,
+        windows_per_recording=args.windows_per_recording,
     )
 
 

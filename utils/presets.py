@@ -106,6 +106,7 @@ BASE = {
         use_augmentation=False, seed=0, report_to="none",
         # The user through the timestep embedding too: +8.9 points of identity at equal steps (docs/experiments.md).
         class_embedding=True,
+        balance_users=False,  # every image once per epoch; True draws every user equally often
     ),
 }
 

@@ -245,9 +245,10 @@ class EpochSampler(torch.utils.data.Sampler):
     """A shuffled order that depends only on (seed, epoch): resuming mid-epoch replays
     the same order, and every process draws the same permutation before sharding."""
 
-    def __init__(self, length, seed):
+    def __init__(self, length, seed, weights=None):
         self.length = length
         self.seed = seed
+        self.weights = weights  # per item: an epoch draws `length` items with replacement in proportion
         self.epoch = 0
 
     def set_epoch(self, epoch):
@@ -258,17 +259,25 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is not None:
+            return iter(torch.multinomial(self.weights, self.length, replacement=True, generator=generator).tolist())
         return iter(torch.randperm(self.length, generator=generator).tolist())
 
 
-def train_loader(dataset, batch_size, seed, num_workers=0):
-    """Shuffled full batches in an order fixed by (seed, epoch)."""
+def user_weights(labels):
+    """Per-item weights that draw every user equally often, however many images each has."""
+    labels = torch.as_tensor(labels)
+    return 1.0 / torch.bincount(labels)[labels].double()
+
+
+def train_loader(dataset, batch_size, seed, num_workers=0, weights=None):
+    """Shuffled full batches in an order fixed by (seed, epoch); with `weights`, drawn in proportion to them."""
     # Its own generator: creating a loader iterator must not draw from the global RNG,
     # or a resumed run (which creates one more iterator) would sample other noise.
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), seed),
+        sampler=EpochSampler(len(dataset), seed, weights),
         drop_last=True,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
