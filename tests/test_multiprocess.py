@@ -12,6 +12,18 @@ import pytest
 
 from conftest import REPO_ROOT
 
+# Each rank's first draws once start_run (which both trainers call) has run.
+NOISE_PER_RANK = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch
+from utils.training import make_accelerator, start_run
+
+accelerator = make_accelerator("cpu", "no", 1, "none", {out!r})
+torch.manual_seed(0)
+start_run(accelerator, {out!r}, None, seed=0)
+print("rank", accelerator.process_index, "noise", torch.randn(4).tolist(), flush=True)
+"""
 
 
 def free_port():
@@ -35,15 +47,21 @@ def logged_steps(run_dir):
 
 @pytest.fixture(scope="module")
 def two_process_vae(tiny_generator, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "vae"
-    first = torchrun("training/train_vae.py", "--data_dir", tiny_generator / "data", "--output_dir", out,
-                     "--preset", "tiny", "--device", "cpu", "--max_train_steps", 2)
+    """A two-process VAE run of 4 steps, resumed from its step-2 checkpoint in a copy of its
+    folder (as after a crash there); the uninterrupted run is `straight` beside it."""
+    root = tmp_path_factory.mktemp("ddp")
+    straight, out = root / "straight", root / "vae"
+    first = torchrun("training/train_vae.py", "--data_dir", tiny_generator / "data", "--output_dir", straight,
+                     "--preset", "tiny", "--device", "cpu", "--max_train_steps", 4)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "x 2 processes" in first.stdout and first.stdout.count("train_vae: preset tiny") == 1
+    shutil.copytree(straight, out)
+    shutil.rmtree(out / "final_model")
+    shutil.rmtree(out / "checkpoints/checkpoint-000004")
     resumed = torchrun("training/train_vae.py", "--data_dir", tiny_generator / "data", "--output_dir", out,
                        "--preset", "tiny", "--device", "cpu", "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "checkpoint-000002" in resumed.stdout
     return out
 
 
@@ -56,6 +74,24 @@ def test_vae_trains_and_resumes_with_two_processes(two_process_vae):
         assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert (two_process_vae / "final_model/diffusion_pytorch_model.safetensors").is_file()
     assert not list(two_process_vae.rglob("*.partial*"))
+
+
+def test_every_rank_draws_its_own_noise(tmp_path):
+    script = tmp_path / "noise.py"
+    script.write_text(NOISE_PER_RANK.format(repo=str(REPO_ROOT), out=str(tmp_path / "run")))
+    result = torchrun(script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    noise = {line.split()[1]: line.split(" noise ")[1] for line in result.stdout.splitlines() if line.startswith("rank")}
+    assert set(noise) == {"0", "1"} and noise["0"] != noise["1"]
+    torch_alone = subprocess.run([sys.executable, "-c", "import torch; torch.manual_seed(0); print(torch.randn(4).tolist())"],
+                                 capture_output=True, text=True)
+    assert noise["0"] == torch_alone.stdout.strip()  # rank 0 goes on with the single-process stream
+
+
+def test_a_resumed_two_process_run_equals_an_uninterrupted_one(two_process_vae):
+    # Both ranks' random streams come back from the checkpoint; validation (main process only) draws from none.
+    name = "final_model/diffusion_pytorch_model.safetensors"
+    assert (two_process_vae / name).read_bytes() == (two_process_vae.parent / "straight" / name).read_bytes()
 
 
 def test_diffusion_trains_with_two_processes(tiny_generator, two_process_vae, tmp_path):

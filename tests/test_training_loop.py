@@ -22,7 +22,7 @@ def toy_run(output_dir, max_steps, loss_at=lambda step, loss: loss, resume_from=
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     loader = train_loader(data, 4, seed=0)
     model, optimizer, schedule, loader = accelerator.prepare(model, optimizer, schedule, loader)
-    step, metrics = start_run(accelerator, output_dir, resume_from)
+    step, metrics = start_run(accelerator, output_dir, resume_from, seed=0)
     validated = []
 
     def train_step(batch, step):

@@ -143,7 +143,7 @@ def main(args):
     max_steps, steps_per_epoch = total_steps(config.max_train_steps, config.num_epochs, len(loader),
                                              config.gradient_accumulation_steps)
     training = build_diffusion_training(config, accelerator, manifest.num_users, manifest.null_index, max_steps)
-    step, metrics = start_run(accelerator, output_dir, resume_from)
+    step, metrics = start_run(accelerator, output_dir, resume_from, config.seed)
     if accelerator.is_main_process:
         manifest.save(output_dir / MANIFEST_NAME)
         written = write_run_config(accelerator, output_dir, config, max_steps, "train_diffusion",

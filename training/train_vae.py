@@ -43,7 +43,9 @@ CURVES = ["loss", "pixel", "lpips", "freq", "g_adv", "d_loss", "val_psnr", "val_
 def validate(accelerator, vae, dataset, config, step, metrics, output_dir):
     """PSNR and SSIM on the val split and a grid of originals over reconstructions; returns a line to print."""
     vae.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=False)
+    # Its own generator: a loader's iterator draws a seed from the global RNG otherwise, and only
+    # the main process validates, so its training noise would no longer match a resumed run's.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=False, generator=torch.Generator())
     scores_psnr, scores_ssim, shown = [], [], []
     for batch in loader:
         originals = batch["pixel_values"].to(accelerator.device)
@@ -128,7 +130,7 @@ def main(args):
     max_steps, steps_per_epoch = total_steps(config.max_train_steps, config.num_epochs, len(loader),
                                              config.gradient_accumulation_steps)
     training = build_vae_training(config, accelerator, max_steps)
-    step, metrics = start_run(accelerator, output_dir, resume_from)
+    step, metrics = start_run(accelerator, output_dir, resume_from, config.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         manifest.save(output_dir / MANIFEST_NAME)

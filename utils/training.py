@@ -351,9 +351,17 @@ def optimise(accelerator, loss, parameters, optimizer, lr_scheduler=None, max_gr
     optimizer.zero_grad(set_to_none=True)
 
 
-def start_run(accelerator, output_dir, resume_from):
+def start_run(accelerator, output_dir, resume_from, seed):
     """(first step, metrics log): the step of the checkpoint resumed from (0 for a new run),
-    with whatever a killed run logged after it forgotten."""
+    with whatever a killed run logged after it forgotten.
+
+    Called once the models are built (from one seed: the same weights on every process).
+    From here every process draws its own noise, timesteps and condition dropout: rank 0
+    goes on with the single-process stream, rank r > 0 is reseeded from (seed, r), or two
+    GPUs would draw the same randomness for different images. A resumed run restores every
+    rank's stream from the checkpoint instead."""
+    if accelerator.process_index > 0:
+        torch.manual_seed(seed * 1_000_003 + accelerator.process_index)
     step = load_checkpoint(accelerator, resume_from)["step"] if resume_from is not None else 0
     metrics = MetricsLog(accelerator, output_dir)
     metrics.truncate_after(step)
