@@ -166,11 +166,6 @@ def write_report(out, record):
 
 
 def main(args):
-    for flag in ("images_to_generate", "train_images_per_user"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be at least 1")
-    if args.strength is not None and not 0 < args.strength <= 1:
-        raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
     for flag in ("groups_csv", "split_csv", "test_dir"):  # the stages run from the repository, not from here
         if getattr(args, flag):
             setattr(args, flag, str(Path(getattr(args, flag)).resolve()))

@@ -155,14 +155,8 @@ def source_images(args, manifest, resolution):
 
 
 def main(args):
-    if args.num_images_per_user < 1 or args.num_images_per_user > SEEDS_PER_USER:
+    if args.num_images_per_user > SEEDS_PER_USER:  # signs and ranges: utils.cli.NUMBER_RULES, checked before main
         raise UsageError(f"--num_images_per_user must be between 1 and {SEEDS_PER_USER}")
-    if not 0.0 <= args.min_confidence <= 1.0 or args.max_tries_per_image < 1:
-        raise UsageError("--min_confidence must be in [0, 1] and --max_tries_per_image at least 1")
-    if args.batch_size < 1 or (args.num_inference_steps is not None and args.num_inference_steps < 1):
-        raise UsageError("--batch_size and --num_inference_steps must be at least 1")
-    if not 0 < args.strength <= 1:
-        raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
     if args.strength < 1 and args.source_dir is None:
         raise UsageError("--strength below 1 noises a real image part of the way: give --source_dir (the dataset)")
     device = resolve_device(args.device)

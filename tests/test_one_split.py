@@ -37,7 +37,7 @@ def odd_split(tmp_path_factory):
         result = run_cli(*command)
         assert result.returncode == 0, result.stderr
         if "train_classifier" in str(command[0]):  # the classifier says which split it made
-            assert "a new split of --data_dir (seed 0" in result.stdout
+            assert "a new split of --data_dir at random by image, split seed 0" in result.stdout
     return root
 
 
@@ -54,7 +54,8 @@ def test_every_model_keeps_the_split_and_budget_it_was_given(odd_split):
 
 def test_evaluate_without_manifest_uses_the_generators_split_and_says_what_it_saw(odd_split):
     report = json.loads((odd_split / "evaluation/report.json").read_text())
-    assert report["split"] == {"seed": 3, "val_fraction": 0.2, "test_fraction": 0.3, "train_images_per_user": 3}
+    assert report["split"] == {"seed": 3, "val_fraction": 0.2, "test_fraction": 0.3, "train_images_per_user": 3,
+                               "description": "at random by image, split seed 3: val 0.2, test 0.3", "test_dir": None}
     assert report["counts"]["train"] == 9 and report["counts"]["test"] == 9  # 3 per user at 0.3
     assert report["generator_saw"]["per_user"] == {"ID_1": 3, "ID_2": 3, "ID_3": 3}
     assert list(report["gain"]) == ["all", "2"]  # 5 per user is every train image here: measured as "all"

@@ -178,3 +178,14 @@ def test_report_to_tensorboard_writes_event_files(tiny_data, tmp_path):
     result = train(tiny_data, tmp_path / "run", "--report_to", "tensorboard")
     assert result.returncode == 0, result.stderr
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+
+
+def test_unset_precision_follows_accelerate_launch(monkeypatch):
+    # accelerate launch passes its --mixed_precision (or its config file's) on in this variable.
+    from utils.vae import resolve_vae_config
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert resolve_vae_config({"preset": "tiny", "device": "cpu"}).mixed_precision == "no"  # the preset's
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert resolve_vae_config({"preset": "tiny", "device": "cpu"}).mixed_precision == "bf16"
+    assert resolve_vae_config({"preset": "tiny", "device": "cpu", "mixed_precision": "no"}).mixed_precision == "no"

@@ -66,7 +66,8 @@ def stack(paths, labels, resolution):
         return torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
     # PIL releases the GIL while it decodes and resizes: threads use every core.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        images = list(pool.map(lambda path: image_array(path, resolution), paths))
+        images = list(tqdm(pool.map(lambda path: image_array(path, resolution), paths), total=len(paths),
+                           desc="loading images", unit="img", leave=False, disable=len(paths) < 500))
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 

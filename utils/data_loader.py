@@ -793,14 +793,10 @@ def dataset_grid(data_dir, scan, num_users, images_per_user, resolution):
 
 def main(args):
     data_dir = check_data_dir(args.data_dir)
-    if args.resolution < 1:
-        raise UsageError(f"--resolution must be positive, got {args.resolution}")
     for flag in ("manifest_out", "grid", "leak_pairs"):
         value = getattr(args, flag)
         if value and Path(value).resolve().is_relative_to(data_dir.resolve()):
             raise UsageError(f"--{flag} {value} is inside the data folder, which is never written to")
-    if args.grid_users < 1 or args.grid_images < 1:
-        raise UsageError("--grid_users and --grid_images must be at least 1")
     scan = scan_dataset(data_dir)
     manifest = stage_manifest(args, data_dir, scan=scan)
     # Loading one image proves the whole path from file to tensor works at this resolution.

@@ -24,7 +24,7 @@ from utils.files import atomic_path
 from utils.losses import diffusion_loss
 from utils.presets import Config, resolve_preset
 from utils.sampling import class_labels
-from utils.training import adamw, check_optimisation, cosine_schedule, optimise, resolve_hardware
+from utils.training import adamw, check_optimisation, cosine_schedule, launcher_precision, optimise, resolve_hardware
 
 CACHE_FILE = "latent_cache/train.safetensors"
 UNET_ARCHITECTURE = ("block_out_channels", "layers_per_block", "attention_head_dim", "norm_num_groups",
@@ -70,7 +70,7 @@ def resolve_diffusion_config(given, vae_config=None):
             f"by the UNet (--block_out_channels {' '.join(map(str, values['block_out_channels']))}): use fewer levels"
         )
     values["device"], values["mixed_precision"] = resolve_hardware(values.get("device", "auto"),
-                                                                   values["mixed_precision"])
+                                                                   launcher_precision(given, values["mixed_precision"]))
     return Config({**values, "preset_filled": decided})
 
 

@@ -651,13 +651,9 @@ def parse_args(argv=None):
 
 
 def settings_from_args(args):
-    for name in ("num_users", "images_per_user", "workers", "windows_per_recording"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    # Counts, signs and ranges: utils.cli.NUMBER_RULES, checked before main.
     if args.resolution < 16:
         raise UsageError(f"--resolution must be at least 16, got {args.resolution}")
-    if args.identity_strength < 0:
-        raise UsageError(f"--identity_strength must be >= 0, got {args.identity_strength}")
     if args.duration_s < 0.5 or args.prf_hz < 100 or args.carrier_ghz <= 0 or args.dynamic_range_db <= 0:
         raise UsageError("radar settings out of range: --duration_s >= 0.5, --prf_hz >= 100, --carrier_ghz > 0, --dynamic_range_db > 0")
     radar = RadarConfig(

@@ -16,6 +16,7 @@ A run folder:
 import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -88,6 +89,14 @@ def check_optimisation(values):
         raise UsageError(f"--learning_rate must be positive, got {values['learning_rate']}")
     if not (values["max_train_steps"] or values["num_epochs"]):
         raise UsageError("give --max_train_steps or --num_epochs")
+
+
+def launcher_precision(given, preset_value):
+    """--mixed_precision when given; else what `accelerate launch` passes on from its flag or
+    config file (ACCELERATE_MIXED_PRECISION); else the preset's."""
+    if given.get("mixed_precision") is not None:
+        return given["mixed_precision"]
+    return os.environ.get("ACCELERATE_MIXED_PRECISION") or preset_value
 
 
 def resolve_hardware(device, mixed_precision):

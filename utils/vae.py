@@ -21,7 +21,7 @@ from utils.files import atomic_folder, write_json
 from utils.losses import adversarial_terms, discriminator_hinge_loss, vae_losses
 from utils.metrics import LpipsUnavailable, check_lpips, load_lpips
 from utils.presets import Config, resolve_preset
-from utils.training import adamw, check_optimisation, cosine_schedule, optimise, resolve_hardware
+from utils.training import adamw, check_optimisation, cosine_schedule, launcher_precision, optimise, resolve_hardware
 
 LATENT_STATS_NAME = "latent_stats.json"
 ARCHITECTURE = ("resolution", "block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups")
@@ -77,7 +77,7 @@ def resolve_vae_config(given):
     values, decided = resolve_preset("vae", given.get("preset") or "quick", given)
     check_architecture(values)
     values["device"], values["mixed_precision"] = resolve_hardware(values.get("device", "auto"),
-                                                                   values["mixed_precision"])
+                                                                   launcher_precision(given, values["mixed_precision"]))
     values["perceptual_weight"], values["perceptual_note"] = perceptual_setting(values["perceptual_weight"])
     factor = downsampling_factor(values["block_out_channels"])
     values["latent_shape"] = [values["latent_channels"], values["resolution"] // factor, values["resolution"] // factor]
@@ -283,7 +283,8 @@ def reconstruct_uint8(vae, images_uint8, device, batch_size=64):
     """Reconstructions of (N, 3, R, R) uint8 images as uint8, in batches on `device`."""
     vae = vae.to(device)
     out = []
-    for start in range(0, len(images_uint8), batch_size):
+    for start in tqdm(range(0, len(images_uint8), batch_size), desc="VAE reconstructions", unit="batch", leave=False,
+                      disable=len(images_uint8) <= batch_size):
         x = (images_uint8[start:start + batch_size].float().to(device) / 127.5 - 1.0).to(vae.dtype)
         out.append(((reconstruct(vae, x).float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
     return torch.cat(out) if out else images_uint8.clone()
