@@ -32,9 +32,11 @@ def test_a_healthy_set_has_no_problems():
 @pytest.mark.parametrize("versions, message, fix", [
     (broken(torchvision="0.20.0"), "torchvision 0.20.0 is not built for torch 2.14.1", "torchvision==0.29.*"),
     (broken(torch="2.1.2", torchvision="0.16.2"), "numpy 2.4.6 under torch 2.1.2", "numpy<2"),
-    (broken(diffusers="0.25.1", huggingface_hub="0.26.0"), "imports huggingface_hub.cached_download", "diffusers>=0.27"),
+    (broken(diffusers="0.28.2", huggingface_hub="0.26.0"), "imports huggingface_hub.cached_download", "diffusers>=0.29"),
     (broken(lpips=None), "lpips is not installed", "lpips>=0.1.4"),
-    (broken(accelerate="0.20.0"), "accelerate 0.20.0 is older than this project needs", "accelerate>=0.27"),
+    (broken(accelerate="1.0.1"), "cannot reload its own RNG states under torch 2.14.1", "accelerate>=1.1"),
+    (broken(accelerate="0.20.0"), "accelerate 0.20.0 is older than this project needs", "accelerate>=1.1"),
+    (broken(pillow="9.0.1"), "pillow 9.0.1 is older than this project needs", "pillow>=9.1"),
 ])
 def test_broken_combinations_are_found_with_their_fix(versions, message, fix):
     problems = doctor.check_versions(versions)
@@ -42,6 +44,18 @@ def test_broken_combinations_are_found_with_their_fix(versions, message, fix):
     commands = doctor.fix_commands(problems)
     assert len(commands) == 1 and commands[0][1:4] == ["-m", "pip", "install"] and fix in commands[0]
     assert not any("uninstall" in part for part in commands[0])
+
+
+@pytest.mark.parametrize("versions, package, floor", [
+    (broken(diffusers="0.28.2", huggingface_hub="0.26.0"), "diffusers", "0.29.0"),
+    (broken(accelerate="1.0.1"), "accelerate", "1.1.0"),
+    (broken(pillow="9.0.1"), "pillow", "9.1.0"),
+    (broken(torchvision="0.20.0"), "torchvision", "0.29.0"),
+])
+def test_the_suggested_version_really_fixes_it(versions, package, floor):
+    # The lowest version the fix allows leaves no problem: the floors work together.
+    assert doctor.check_versions(versions)
+    assert doctor.check_versions({**versions, package: floor}) == []
 
 
 def test_fix_prints_commands_and_exits_1_without_running_them(monkeypatch, capsys):

@@ -81,9 +81,15 @@ def check_versions(versions):
         problems.append((f"numpy {numpy_version} under torch {torch_version}, which was built for numpy 1 "
                          "(tensor <-> array conversion breaks)", ["numpy<2"]))
     diffusers_version, hub = versions.get("diffusers"), versions.get("huggingface_hub")
-    if diffusers_version and hub and release(diffusers_version)[:2] < (0, 26) and release(hub)[:2] >= (0, 26):
+    # diffusers stopped importing cached_download in 0.29; huggingface_hub removed it in 0.26.
+    if diffusers_version and hub and release(diffusers_version)[:2] < (0, 29) and release(hub)[:2] >= (0, 26):
         problems.append((f"diffusers {diffusers_version} imports huggingface_hub.cached_download, which "
-                         f"huggingface_hub {hub} no longer has", [str(wanted.get("diffusers", "diffusers>=0.27"))]))
+                         f"huggingface_hub {hub} no longer has", ["diffusers>=0.29"]))
+    accelerate_version = versions.get("accelerate")
+    if accelerate_version and torch_version and release(accelerate_version)[:2] < (1, 1) \
+            and release(torch_version)[:2] >= (2, 6):
+        problems.append((f"accelerate {accelerate_version} cannot reload its own RNG states under torch "
+                         f"{torch_version} (weights_only loading): --resume_from_checkpoint fails", ["accelerate>=1.1"]))
     return problems
 
 
