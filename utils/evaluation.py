@@ -352,7 +352,7 @@ def render_markdown(report, level=1, image_prefix=""):
              f"{r['classifier_resolution']}x{r['classifier_resolution']}. Preset `{r['preset']}`; "
              f"mean ± standard deviation over classifier seeds. {r['seconds']:.0f} s.", "",
              *([f"Split {r['split']['description']}. {r['leak_check']['message']} "
-                f"({picture('leak_pairs.png', 'closest test and train pairs')}: test left, nearest train right).", ""]
+                f"Closest pairs, test left and nearest train right: [leak_pairs.png]({image_prefix}leak_pairs.png).", ""]
                if r.get("leak_check") else []),
              f"{section} Does adding generated images help the classifier?", "",
              "Person-ID classifiers trained from scratch on a budget of real train images per user (`all`: the whole "
