@@ -224,3 +224,21 @@ def test_a_classifier_with_balanced_users_trains():
     model, history = train_classifier((images, labels), (images[:4], labels[:4]), ["a", "b"], settings, seed=0,
                                       progress=False)
     assert history["steps_run"] == 4
+
+
+def test_split_sources_that_contradict_each_other_are_usage_errors(tmp_path):
+    import argparse
+
+    from utils.data_loader import stage_manifest
+
+    data = recordings_dataset(tmp_path / "data", users=2, recordings=3)
+    table = tmp_path / "split.csv"
+    table.write_text("ID_1/ID_1_rec0_0.png,train\n")
+    with pytest.raises(UsageError, match="--split_csv gives the whole split"):
+        build_manifest(data, split_csv=table, group_pattern=PATTERN)
+    with pytest.raises(UsageError, match="give one"):
+        build_manifest(data, group_pattern=PATTERN, groups_csv=table)
+    args = argparse.Namespace(manifest=None, split_seed=None, val_fraction=None, test_fraction=0.3, group_pattern=None,
+                              groups_csv=None, few_groups=None, split_csv=None, test_dir=str(data), train_images_per_user=None)
+    with pytest.raises(UsageError, match="--test_dir is the test set; --test_fraction"):
+        stage_manifest(args, data)
