@@ -49,7 +49,7 @@ from utils.data_loader import MANIFEST_NAME, SPLIT_DEFAULTS, SPLIT_SOURCES, Data
     is_image_file, stage_manifest
 from utils.evaluation import pct
 from utils.files import atomic_folder, output_folder
-from utils.image_grid import labelled_grid
+from utils.image_grid import labelled_grid, to_pil_images
 from utils.leakage import leak_check, pairs_grid
 from utils.presets import PRESET_NAMES, PRESETS
 from utils.sampling import DTYPES, inference_dtype
@@ -136,12 +136,6 @@ def check_folder(path, flag):
     if not any(is_image_file(f) for d in path.iterdir() if d.is_dir() for f in d.iterdir()):
         raise UsageError(f"{flag} {path} holds no images in user folders (expected {path}/<user>/*.png)")
     return path
-
-
-def to_pil_images(images_uint8):
-    from PIL import Image
-
-    return [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images_uint8]
 
 
 def evaluation_manifest(args, data_dir, generator_manifest, classifier_manifest):

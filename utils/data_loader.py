@@ -6,9 +6,9 @@ again is a `DatasetManifest`: the users in natural order (their position is the 
 the null token for classifier-free guidance is `num_users`) and a seeded, per-user
 stratified split: by image, or by group (--group_pattern, --groups_csv: the recording an
 image was cut from goes wholly to one side), or as a lab's own protocol (--split_csv, or
---test_dir: a fixed test set in its own folder). It is computed once, saved as JSON in every run folder, and
-read back by every later stage, so no stage ever re-indexes users on a subset
-(docs/design.md). The manifest is the pipeline's first artifact: every stage takes it
+--test_dir: a fixed test set in its own folder). It is computed once, saved as JSON in
+every run folder, and read back by every later stage, so no stage ever re-indexes users
+on a subset (docs/design.md). The manifest is the pipeline's first artifact: every stage takes it
 with --manifest, and a stage run without one builds the same default split
 (SPLIT_DEFAULTS) or stops when its split disagrees with a model's. The data folder
 itself is never written to.

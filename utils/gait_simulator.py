@@ -549,16 +549,16 @@ def write_dataset(output_dir, settings, workers=1, overwrite=False, progress=Tru
             for user in range(1, settings.num_users + 1):
                 (partial / user_folder(user)).mkdir()
             users = range(1, settings.num_users + 1)
-            if settings.windows_per_recording == 1:
+            independent = settings.windows_per_recording == 1
+            if independent:
                 jobs = [(settings, str(partial), user, index, None) for user in users for index in range(settings.images_per_user)]
             else:
                 jobs = [(settings, str(partial), user, r, w) for user in users for r, w in settings.recordings()]
             started = time.perf_counter()
-            bar = dict(total=len(jobs), desc="simulating", unit="img" if jobs[0][-1] is None else "recording",
-                       disable=not progress)
+            bar = dict(total=len(jobs), desc="simulating", unit="img" if independent else "recording", disable=not progress)
             if workers > 1:
                 with ProcessPoolExecutor(max_workers=workers) as pool:
-                    results = list(tqdm(pool.map(_write_image, jobs, chunksize=16 if jobs[0][-1] is None else 1), **bar))
+                    results = list(tqdm(pool.map(_write_image, jobs, chunksize=16 if independent else 1), **bar))
             else:
                 results = [_write_image(job) for job in tqdm(jobs, **bar)]
             seconds = time.perf_counter() - started

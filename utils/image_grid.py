@@ -37,3 +37,8 @@ def to_pil(image):
     """A (3, H, W) tensor in [-1, 1] as an RGB PIL image."""
     array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     return Image.fromarray(array)
+
+
+def to_pil_images(images_uint8):
+    """(N, 3, H, W) uint8 tensors as RGB PIL images."""
+    return [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images_uint8]

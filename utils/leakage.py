@@ -99,7 +99,7 @@ def leak_check(train, test, train_paths, test_paths, shown=8):
     order = [int(i) for i in torch.argsort(torch.where(measured, to_train, float("inf")))[:shown] if measured[i]]
     report["pairs"] = [(i, int(nearest[i])) for i in order]
     report["closest"] = [{"test": test_paths[i], "train": train_paths[int(nearest[i])],
-                          "distance": float(to_train[i]), "typical": typical} for i in order]
+                          "distance": float(to_train[i])} for i in order]
     counted = f"{report['near_copies']} of {report['checked']} test images ({report['share']:.0%})"
     if report["flagged"]:
         report["message"] = (
@@ -124,12 +124,9 @@ def pairs_grid(report, train_images, test_images, cell_size=96):
     """The closest cases side by side: each row a test image, then its nearest train image."""
     from PIL import Image
 
-    from utils.image_grid import labelled_grid
+    from utils.image_grid import labelled_grid, to_pil_images
 
-    def pil(image):
-        return Image.fromarray(image.permute(1, 2, 0).numpy())
-
-    rows = [[pil(test_images[i]), pil(train_images[j])] for i, j in report["pairs"]]
+    rows = [to_pil_images(torch.stack([test_images[i], train_images[j]])) for i, j in report["pairs"]]
     labels = [f"{c['distance']:.3f}" for c in report["closest"]]
     return labelled_grid(rows or [[Image.new("RGB", (cell_size, cell_size), "white")]], labels or ["no pair"],
                          cell_size=cell_size)
