@@ -97,7 +97,7 @@ def stages(args, out, data_dir):
         ("check_vae", out / "vae_check/vae_check.json", out / "vae_check", python + [
             "check_vae.py", "--vae_path", vae_model, "--data_dir", data_dir, "--output_dir", out / "vae_check",
             *split, "--min_psnr", settings["min_psnr"], *device]),
-        ("diffusion", diffusion_model / "generator.json", out / "diffusion", python + [
+        ("diffusion", diffusion_model / "model_index.json", out / "diffusion", python + [
             "training/train_diffusion.py", "--vae_path", vae_model, "--data_dir", data_dir,
             "--output_dir", out / "diffusion", *split, *preset, *device, "--resume_from_checkpoint", "latest"]),
         ("generate", out / "generated/manifest.json", out / "generated", python + [

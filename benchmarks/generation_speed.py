@@ -43,10 +43,8 @@ def parse_args(argv=None):
 
 def random_pipeline(args):
     """A pipeline of the preset's architecture with random weights (no files needed)."""
-    from utils.data_loader import DatasetManifest
     from utils.diffusion import build_denoiser, build_noise_scheduler, resolve_diffusion_config
     from utils.pipeline import UserDiffusionPipeline
-    from utils.sampling import make_sampler
     from utils.vae import ARCHITECTURE, build_vae, resolve_vae_config
 
     vae_config = resolve_vae_config({"preset": args.preset, "resolution": args.resolution, "device": "cpu",
@@ -56,13 +54,12 @@ def random_pipeline(args):
     torch.manual_seed(0)
     vae = build_vae(**vae_config.pick(*ARCHITECTURE)).eval()
     denoiser = build_denoiser(config, args.num_users).eval()
-    scheduler = make_sampler(build_noise_scheduler(config.num_train_timesteps, config.prediction_type).config, "dpmsolver")
-    pipe = UserDiffusionPipeline(vae, denoiser.unet, denoiser.condition_encoder, scheduler)
-    users = [f"ID_{k}" for k in range(1, args.num_users + 1)]
-    pipe.manifest = DatasetManifest(users=users, splits={"train": {}, "val": {}, "test": {}})
-    pipe.info = {"latent_shape": config.latent_shape, "scaling_factor": 1.0, "guidance_scale": args.guidance_scale,
-                 "resolution": config.resolution}
-    return pipe
+    scheduler = build_noise_scheduler(config.num_train_timesteps, config.prediction_type)
+    label_map = {f"ID_{k}": k - 1 for k in range(1, args.num_users + 1)}
+    return UserDiffusionPipeline(vae, denoiser.unet, denoiser.condition_encoder, scheduler, label_map=label_map,
+                                 null_index=args.num_users, resolution=config.resolution,
+                                 latent_shape=config.latent_shape, scaling_factor=1.0,
+                                 guidance_scale=args.guidance_scale)
 
 
 def main(args):
@@ -71,9 +68,9 @@ def main(args):
     device = resolve_device(args.device)
     dtype = inference_dtype(args.dtype, device)
     if args.model_path:
-        from utils.pipeline import UserDiffusionPipeline
+        from utils.pipeline import load_generator
 
-        pipe = UserDiffusionPipeline.from_pretrained(args.model_path, torch_dtype=dtype)
+        pipe = load_generator(args.model_path, torch_dtype=dtype)
     else:
         pipe = random_pipeline(args)
         pipe.to(dtype=dtype)
@@ -81,8 +78,8 @@ def main(args):
     pipe.set_progress_bar_config(disable=True)
     users = pipe.manifest.users
     name = device_name(device)
-    print(f"generation on {name}, {pipe.info['resolution']}x{pipe.info['resolution']}, "
-          f"latents {'x'.join(map(str, pipe.info['latent_shape']))}, guidance {args.guidance_scale}, batch {args.batch_size}, {dtype}")
+    print(f"generation on {name}, {pipe.config.resolution}x{pipe.config.resolution}, "
+          f"latents {'x'.join(map(str, pipe.config.latent_shape))}, guidance {args.guidance_scale}, batch {args.batch_size}, {dtype}")
     results = []
     for scheduler in args.schedulers:
         pipe.use_scheduler(scheduler)
@@ -100,7 +97,7 @@ def main(args):
         results.append({"scheduler": scheduler, "steps": steps, "images": args.num_images, "seconds": seconds,
                         "images_per_second": args.num_images / seconds, "peak_memory_gb": peak_memory_gb(device)})
         print(f"  {scheduler:>9} {steps:4d} steps: {args.num_images / seconds:8.3f} images/s ({seconds:.1f} s for {args.num_images})")
-    return publish({"device": name, "resolution": pipe.info["resolution"], "dtype": str(dtype),
+    return publish({"device": name, "resolution": pipe.config.resolution, "dtype": str(dtype),
                     "batch_size": args.batch_size, "results": results}, f"{len(results)} schedulers timed", args.out)
 
 

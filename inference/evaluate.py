@@ -306,6 +306,11 @@ def main(args):
         f"{pct(identity['real_test']['mean'])} ({pct(identity['ratio'])} of it)")
     for sentence in report["headline"]:
         print(sentence.replace("**", ""))
+    from utils.pipeline import record_evaluation
+
+    model_folders = [Path(p) for p in record.get("model", {}).get("paths", [])][:1]
+    if model_folders and record_evaluation(model_folders[0], [*report["headline"], "", f"Report: {output_dir / 'report.md'}"]):
+        log(f"model card updated: {model_folders[0] / 'README.md'}")
     return 0
 
 

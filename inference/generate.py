@@ -93,13 +93,13 @@ def model_hash(paths):
 
 
 def load_pipeline(args, dtype):
-    from utils.pipeline import UserDiffusionPipeline
+    from utils.pipeline import UserDiffusionPipeline, load_generator
 
     three_paths = [args.vae_path, args.unet_path, args.condition_encoder_path]
     if args.model_path and any(three_paths):
         raise UsageError("give --model_path, or --vae_path --unet_path --condition_encoder_path --num_users, not both")
     if args.model_path:
-        pipe = UserDiffusionPipeline.from_pretrained(args.model_path, scheduler=args.scheduler, torch_dtype=dtype)
+        pipe = load_generator(args.model_path, scheduler=args.scheduler, torch_dtype=dtype)
         return pipe, [Path(args.model_path)]
     if not all(three_paths) or args.num_users is None:
         raise UsageError("give --model_path, or all of --vae_path --unet_path --condition_encoder_path --num_users")
@@ -174,14 +174,14 @@ def main(args):
     users = pipe.manifest.resolve_users(args.user_ids)  # unknown users fail here, before any work
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    guidance = pipe.info["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+    guidance = pipe.config.guidance_scale if args.guidance_scale is None else args.guidance_scale
     steps = args.num_inference_steps or SAMPLERS[args.scheduler][1]
 
     def seed_of(user, k):
         return args.seed + SEEDS_PER_USER * pipe.manifest.label_map[user] + k
 
     judge = load_filter(args, pipe.manifest)
-    source = source_images(args, pipe.manifest, pipe.info["resolution"])
+    source = source_images(args, pipe.manifest, pipe.config.resolution)
     wanted = args.num_images_per_user
     tries_allowed = wanted * (args.max_tries_per_image if judge else 1)
     if tries_allowed > SEEDS_PER_USER:
@@ -223,7 +223,7 @@ def main(args):
             "model": {"paths": [str(p) for p in parts], "sha256": model_hash(parts)},
             "arguments": vars(args),
             "resolved": {"users": users, "guidance_scale": guidance, "num_inference_steps": steps,
-                         "scheduler": args.scheduler, "resolution": pipe.info["resolution"],
+                         "scheduler": args.scheduler, "resolution": pipe.config.resolution,
                          "strength": args.strength, "source_dir": args.source_dir,
                          "dtype": str(dtype).removeprefix("torch.")},
             "images": records,
@@ -234,7 +234,7 @@ def main(args):
         (partial / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
         if args.grid:
             rows = [[Image.open(partial / r["file"]) for r in kept[u][:8]] for u in users if kept[u]]
-            labelled_grid(rows, [u for u in users if kept[u]], cell_size=max(128, pipe.info["resolution"])).save(
+            labelled_grid(rows, [u for u in users if kept[u]], cell_size=max(128, pipe.config.resolution)).save(
                 partial / "grid.png")
     if judge:
         rates = " ".join(f"{u}:{len(kept[u]) / tried[u]:.0%}" for u in users)

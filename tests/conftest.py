@@ -17,9 +17,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
-def run_cli(*args, cwd=REPO_ROOT):
-    """Run a command line the way a user types it; returns the CompletedProcess."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
+def run_cli(*args, cwd=REPO_ROOT, env=None):
+    """Run a command line the way a user types it (`env`: extra variables); returns the CompletedProcess."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="", **(env or {}))
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -67,8 +67,10 @@ def test_train_classifier_writes_a_reloadable_folder(tiny_generator, tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
-def test_report_has_every_section_and_plot(evaluation, generated):
+def test_report_has_every_section_and_plot(evaluation, generated, tiny_generator):
     report = json.loads((evaluation / "report.json").read_text())
+    card = (tiny_generator / "diffusion/final_model/README.md").read_text()  # the model card has the headline
+    assert report["headline"][0] in card and "Not evaluated yet" not in card
     for key in ("identity", "vae", "compare", "tstr", "gain", "distribution", "memorisation"):
         assert key in report, key
     assert report["counts"] == {"train": 21, "val": 3, "test": 6, "generated": 9}

@@ -59,5 +59,5 @@ def test_the_kaggle_notebook_runs_end_to_end(tmp_path):
         assert code in ({0, 1} if command.startswith("python check_vae.py") else {0}), output[-3000:]
     out = kaggle / "working" / "outputs"
     for artifact in ("pipeline/report.md", "vae/final_model/config.json", "vae_check/vae_check.json",
-                     "diffusion/final_model/generator.json", "generated/manifest.json", "evaluation/report.md"):
+                     "diffusion/final_model/model_index.json", "generated/manifest.json", "evaluation/report.md"):
         assert (out / artifact).is_file(), artifact

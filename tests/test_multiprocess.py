@@ -102,5 +102,5 @@ def test_diffusion_trains_with_two_processes(tiny_generator, two_process_vae, tm
     assert result.returncode == 0, result.stderr[-3000:]
     assert logged_steps(out) == [1, 2, 3]
     assert json.loads((out / "config.json").read_text())["effective_batch_size"] == 8
-    assert (out / "final_model/generator.json").is_file()
+    assert (out / "final_model/model_index.json").is_file()
     shutil.rmtree(out)

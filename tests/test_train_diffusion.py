@@ -34,26 +34,39 @@ def metric_steps(run):
     return [r["step"] for r in records if "loss" in r]
 
 
-def test_tiny_run_writes_a_generator_that_reloads_alone(stage1, tmp_path):
-    from utils.pipeline import UserDiffusionPipeline
-
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def generator_run(stage1, tmp_path_factory):
+    run = tmp_path_factory.mktemp("generator") / "run"
     result = train(stage1, run)
     assert result.returncode == 0, result.stderr
+    return run
+
+
+@pytest.mark.floors
+def test_tiny_run_writes_a_generator_that_reloads_alone(generator_run, tmp_path):
+    from utils.pipeline import UserDiffusionPipeline, load_generator
+
+    run = generator_run
     for name in ("config.json", "dataset_manifest.json", "latent_cache/train.safetensors", "samples/step-000004.png",
-                 "logs/curves.png", "final_model/generator.json", "final_model/condition_encoder.pt",
+                 "logs/curves.png", "final_model/model_index.json", "final_model/condition_encoder.pt",
                  "final_model/unet/config.json", "final_model/condition_encoder/config.json",
                  "final_model/scheduler/scheduler_config.json", "final_model/vae/config.json",
-                 "final_model/dataset_manifest.json"):
+                 "final_model/dataset_manifest.json", "final_model/README.md"):
         assert (run / name).exists(), name
     assert metric_steps(run) == [1, 2, 3, 4]
-    info = json.loads((run / "final_model/generator.json").read_text())
-    assert info["null_index"] == info["num_users"] == 3 and info["users"] == ["ID_1", "ID_2", "ID_3"]
-    assert info["latent_shape"] == [4, 16, 16]
+    index = json.loads((run / "final_model/model_index.json").read_text())
+    assert index["_class_name"] == "UserDiffusionPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    assert index["condition_encoder"] == ["utils.condition_encoder", "UserConditionEncoder"]
+    assert index["label_map"] == {"ID_1": 0, "ID_2": 1, "ID_3": 2} and index["null_index"] == 3
+    assert index["latent_shape"] == [4, 16, 16] and index["resolution"] == 32 and index["sampler"] == "dpmsolver_sde"
+    card = (run / "final_model/README.md").read_text()
+    assert "library_name: diffusers" in card and "3 users (ID_1 ID_2 ID_3)" in card and "4 steps" in card
+    assert "Not evaluated yet" in card
 
     moved = tmp_path / "elsewhere"  # nothing outside the folder is needed
     shutil.copytree(run / "final_model", moved)
-    pipe = UserDiffusionPipeline.from_pretrained(moved)
+    pipe = load_generator(moved)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(users=["ID_1", 3], seeds=[5, 6], num_inference_steps=3, output_type="pt")
     assert out.users == ["ID_1", "ID_3"] and out.seeds == [5, 6]
@@ -63,6 +76,19 @@ def test_tiny_run_writes_a_generator_that_reloads_alone(stage1, tmp_path):
     drawn = pipe(users=[2], num_images_per_user=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert len(drawn.images) == 2 and drawn.images[0].size == (32, 32) and len(set(drawn.seeds)) == 2
 
+    # diffusers' own loading and saving round-trip: the same images from a re-saved folder.
+    plain = UserDiffusionPipeline.from_pretrained(moved)
+    plain.set_progress_bar_config(disable=True)
+    resaved = tmp_path / "resaved"
+    plain.use_scheduler("ddim").save_pretrained(resaved)
+    back = UserDiffusionPipeline.from_pretrained(resaved)
+    back.set_progress_bar_config(disable=True)
+    assert back.config.sampler == "ddim" and back.scheduler.config == plain.scheduler.config
+    torch.testing.assert_close(back(users=[3], seeds=[6], num_inference_steps=3, output_type="pt").images,
+                               plain(users=[3], seeds=[6], num_inference_steps=3, output_type="pt").images)
+    torch.testing.assert_close(plain.use_scheduler("dpmsolver_sde")(users=[3], seeds=[6], num_inference_steps=3,
+                                                                  output_type="pt").images, again)
+
     state = torch.load(moved / "condition_encoder.pt", weights_only=True)
     plain = UserConditionEncoder(**{k: v for k, v in pipe.condition_encoder.config.items() if not k.startswith("_")})
     plain.load_state_dict(state)
@@ -71,6 +97,59 @@ def test_tiny_run_writes_a_generator_that_reloads_alone(stage1, tmp_path):
     for name, tensor in pipe.condition_encoder.state_dict().items():
         assert torch.equal(plain.state_dict()[name], tensor), name
     torch.testing.assert_close(plain(torch.tensor([1])), pipe.condition_encoder(torch.tensor([1])), rtol=1e-5, atol=1e-6)
+
+
+LOAD_WITH_DIFFUSERS = """
+import sys, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], custom_pipeline="utils/pipeline.py", trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+images = pipe(users=["ID_3"], seeds=[6], num_inference_steps=3, output_type="pt").images
+torch.save(images, sys.argv[2])
+print(type(pipe).__name__)
+"""
+
+
+@pytest.mark.floors
+def test_diffusers_loads_the_folder_with_the_projects_pipeline_file(generator_run, tmp_path):
+    from utils.pipeline import load_generator
+
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules")}  # diffusers copies the pipeline file there
+    result = run_cli("-c", LOAD_WITH_DIFFUSERS, generator_run / "final_model", tmp_path / "images.pt", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("UserDiffusionPipeline")
+    pipe = load_generator(generator_run / "final_model")
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(users=["ID_3"], seeds=[6], num_inference_steps=3, output_type="pt").images
+    torch.testing.assert_close(torch.load(tmp_path / "images.pt", weights_only=True), expected)
+
+
+def test_a_folder_of_the_older_layout_still_loads(generator_run, stage1, tmp_path):
+    """Before model_index.json: generator.json beside the parts, the stage-1 folder copied as vae/."""
+    from utils.pipeline import load_generator
+
+    old = tmp_path / "old"
+    shutil.copytree(generator_run / "final_model", old)
+    index = json.loads((old / "model_index.json").read_text())
+    (old / "model_index.json").unlink()
+    (old / "generator.json").write_text(json.dumps({
+        "users": list(index["label_map"]), "label_map": index["label_map"], "num_users": 3, "null_index": 3,
+        "resolution": 32, "latent_shape": [4, 16, 16], "scaling_factor": index["scaling_factor"],
+        "prediction_type": "epsilon", "guidance_scale": index["guidance_scale"], "num_inference_steps": 4, "ema": False}))
+    shutil.rmtree(old / "vae")
+    shutil.copytree(stage1 / "vae/final_model", old / "vae")
+    pipe = load_generator(old, scheduler="ddim")
+    pipe.set_progress_bar_config(disable=True)
+    new = load_generator(generator_run / "final_model", scheduler="ddim")
+    new.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(pipe(users=[2], seeds=[1], num_inference_steps=2, output_type="pt").images,
+                               new(users=[2], seeds=[1], num_inference_steps=2, output_type="pt").images)
+
+
+def test_push_to_hub_offline_exits_2_before_training(stage1, tmp_path):
+    result = train(stage1, tmp_path / "run", "--push_to_hub", "someone/model")
+    assert result.returncode == 2 and "HF_HUB_OFFLINE" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_class_embedding_puts_the_user_into_every_resnet_block(stage1, tmp_path):
@@ -93,6 +172,7 @@ def test_class_embedding_puts_the_user_into_every_resnet_block(stage1, tmp_path)
     assert torch.equal(before[0], after[0]) and not torch.allclose(before[1], after[1])
 
 
+@pytest.mark.floors
 def test_resume_continues_and_reuses_the_latent_cache(stage1, tmp_path):
     run = tmp_path / "run"
     first = train(stage1, run, "--max_train_steps", 3, "--checkpointing_steps", 3)
@@ -103,7 +183,7 @@ def test_resume_continues_and_reuses_the_latent_cache(stage1, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "encoding the train split" not in resumed.stderr
     assert metric_steps(run) == [1, 2, 3, 4, 5]
-    assert (run / "final_model/generator.json").exists()
+    assert (run / "final_model/model_index.json").exists()
 
 
 def test_latent_cache_is_rebuilt_when_the_data_change(stage1, tmp_path):
@@ -144,7 +224,7 @@ def test_every_user_name_maps_to_its_training_row(tmp_path):
     folders = [path.split("/")[0] for path, _ in manifest.samples("train")]
     assert "user_10" in folders
     assert cache["user_index"].tolist() == [manifest.label_map[folder] for folder in folders]
-    info = json.loads((run / "final_model/generator.json").read_text())
+    info = json.loads((run / "final_model/model_index.json").read_text())
     generation = DatasetManifest.load(run / "final_model")
     for number, folder in (("10", "user_10"), ("2", "user_2"), ("3", "user_3")):
         assert info["label_map"][generation.resolve_user(number)] == manifest.label_map[folder]

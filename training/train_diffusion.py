@@ -112,14 +112,42 @@ def parse_args(argv=None):
     run_group.add_argument("--validation_seeds", type=int, help="images per user in each validation grid")
     run_group.add_argument("--num_inference_steps", type=int, help="DPM-Solver++ steps for validation samples")
     run_group.add_argument("--guidance_scale", type=float, help="classifier-free guidance for validation samples")
+    run_group.add_argument("--push_to_hub", metavar="REPO_ID",
+                           help="also upload final_model to this Hugging Face Hub model repository (needs the "
+                                "network and a token: huggingface-cli login or HF_TOKEN)")
     return p.parse_args(argv)
 
 
+def check_hub(repo_id):
+    """Refuse --push_to_hub before any training when the hub is switched off."""
+    from huggingface_hub import constants
+
+    if repo_id and constants.HF_HUB_OFFLINE:
+        raise UsageError(f"--push_to_hub {repo_id}: HF_HUB_OFFLINE is set, so nothing can be uploaded; "
+                         "unset it, or upload final_model later with `huggingface-cli upload`")
+
+
+def push_to_hub(repo_id, folder):
+    """Upload a saved final_model; a failure leaves it saved and says how to retry."""
+    from huggingface_hub import create_repo, upload_folder
+
+    try:
+        create_repo(repo_id, repo_type="model", exist_ok=True)
+        url = upload_folder(repo_id=repo_id, folder_path=folder, commit_message="final_model of train_diffusion.py")
+    except Exception as error:  # network, token, permissions: the model is saved either way
+        print(f"error: --push_to_hub {repo_id} failed ({str(error).splitlines()[0]}); {folder} is saved, upload it "
+              f"with `huggingface-cli upload {repo_id} {folder}`", file=sys.stderr)
+        return 1
+    print(f"uploaded {folder} to {url}")
+    return 0
+
+
 def main(args):
+    check_hub(args.push_to_hub)
     data_dir = check_data_dir(args.data_dir)
     vae, manifest = trained_vae(args.vae_path, args.manifest)
     manifest.check_matches(data_dir)
-    config = resolve_diffusion_config(vars(args), vae.config)
+    config = resolve_diffusion_config({k: v for k, v in vars(args).items() if k != "push_to_hub"}, vae.config)
     output_dir = Path(config.output_dir)
     if config.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
@@ -176,6 +204,8 @@ def main(args):
         print(f"saved {final}; training took {time.perf_counter() - started:.0f} s")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if args.push_to_hub and accelerator.is_main_process:
+        return push_to_hub(args.push_to_hub, output_dir / "final_model")
     return 0
 
 
