@@ -3,12 +3,15 @@
 import json
 import shutil
 
+import pytest
+
 from conftest import run_cli
 from utils.data_loader import DatasetManifest
 
 STAGES = ["data", "manifest", "vae", "check_vae", "diffusion", "generate", "evaluate"]
 
 
+@pytest.mark.floors
 def test_tiny_pipeline_runs_every_stage_then_skips_what_is_complete(tmp_path):
     out = tmp_path / "pipeline"
     first = run_cli("run_pipeline.py", "--preset", "tiny", "--output_dir", out, "--device", "cpu")

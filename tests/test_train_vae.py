@@ -57,6 +57,7 @@ def test_learning_rate_warms_up_then_follows_a_cosine_per_step(tiny_data, tmp_pa
 DISCRIMINATOR = ["--disc_weight", "0.5", "--disc_start", "3", "--disc_channels", "8", "--disc_layers", "2"]
 
 
+@pytest.mark.floors
 @pytest.mark.parametrize("extra", [[], DISCRIMINATOR], ids=["vae", "vae+discriminator"])
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_data, tmp_path, extra):
     # 21 train images, batch 4: 5 steps per epoch, so the run resumes inside epoch 1.
