@@ -134,7 +134,7 @@ def push_to_hub(repo_id, folder):
     try:
         create_repo(repo_id, repo_type="model", exist_ok=True)
         url = upload_folder(repo_id=repo_id, folder_path=folder, commit_message="final_model of train_diffusion.py")
-    except Exception as error:  # network, token, permissions: the model is saved either way
+    except Exception as error:  # noqa: BLE001 - network, token, permissions: the model is saved either way
         print(f"error: --push_to_hub {repo_id} failed ({str(error).splitlines()[0]}); {folder} is saved, upload it "
               f"with `huggingface-cli upload {repo_id} {folder}`", file=sys.stderr)
         return 1
