@@ -53,6 +53,7 @@ class UserImagesOutput(BaseOutput):
 class UserDiffusionPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "condition_encoder->unet->vae"
 
+    # The settings have defaults because diffusers takes every parameter without one for a component.
     def __init__(self, vae, unet, condition_encoder, scheduler, label_map=None, null_index=None, resolution=None,
                  latent_shape=None, scaling_factor=None, guidance_scale=1.0, sampler=DEFAULT_SAMPLER, ema=False):
         super().__init__()
