@@ -44,6 +44,11 @@ MODEL_PARTS = (PIPELINE_INDEX, "vae/config.json", "unet/config.json", "condition
 SETTINGS = ("label_map", "null_index", "resolution", "latent_shape", "scaling_factor", "guidance_scale", "sampler", "ema")
 
 
+def check_sampler(name):
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; one of {', '.join(SAMPLERS)}")
+
+
 class UserImagesOutput(BaseOutput):
     images: list  # PIL images, or a (B, 3, R, R) tensor in [-1, 1] with output_type="pt"
     users: list  # the user folder name of each image
@@ -65,8 +70,7 @@ class UserDiffusionPipeline(DiffusionPipeline):
         if condition_encoder.config.num_users != len(label_map):
             raise ValueError(f"the condition encoder has {condition_encoder.config.num_users} users, "
                              f"the label map {len(label_map)}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; one of {', '.join(SAMPLERS)}")
+        check_sampler(sampler)
         self.register_to_config(label_map=dict(label_map), null_index=null_index, resolution=resolution,
                                 latent_shape=list(latent_shape), scaling_factor=scaling_factor,
                                 guidance_scale=guidance_scale, sampler=sampler, ema=ema)
@@ -125,8 +129,7 @@ class UserDiffusionPipeline(DiffusionPipeline):
     def use_scheduler(self, name):
         """Sample with another sampler (a key of utils.sampling.SAMPLERS), built from the
         training schedule; saved with the pipeline."""
-        if name not in SAMPLERS:
-            raise ValueError(f"unknown sampler {name!r}; one of {', '.join(SAMPLERS)}")
+        check_sampler(name)
         self.register_to_config(sampler=name)
         return self
 

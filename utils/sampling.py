@@ -7,7 +7,6 @@ Each image's starting noise comes from its own seed, so an image is reproducible
 
 import torch
 
-GENERATOR_INFO = "generator.json"  # in a stage-2 final_model: label map, null index, latent scaling and shape
 # name -> (diffusers scheduler class name, its default number of steps, options); by name, so that
 # the scripts' --help does not wait for diffusers to import.
 SAMPLERS = {
