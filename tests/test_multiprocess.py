@@ -22,7 +22,8 @@ from utils.training import make_accelerator, start_run
 accelerator = make_accelerator("cpu", "no", 1, "none", {out!r})
 torch.manual_seed(0)
 start_run(accelerator, {out!r}, None, seed=0)
-print("rank", accelerator.process_index, "noise", torch.randn(4).tolist(), flush=True)
+with open({here!r} + f"/noise_{{accelerator.process_index}}.json", "w") as f:  # own file: ranks share one stdout
+    f.write(str(torch.randn(4).tolist()))
 """
 
 
@@ -78,14 +79,14 @@ def test_vae_trains_and_resumes_with_two_processes(two_process_vae):
 
 def test_every_rank_draws_its_own_noise(tmp_path):
     script = tmp_path / "noise.py"
-    script.write_text(NOISE_PER_RANK.format(repo=str(REPO_ROOT), out=str(tmp_path / "run")))
+    script.write_text(NOISE_PER_RANK.format(repo=str(REPO_ROOT), out=str(tmp_path / "run"), here=str(tmp_path)))
     result = torchrun(script)
     assert result.returncode == 0, result.stderr[-3000:]
-    noise = {line.split()[1]: line.split(" noise ")[1] for line in result.stdout.splitlines() if line.startswith("rank")}
-    assert set(noise) == {"0", "1"} and noise["0"] != noise["1"]
+    noise = {p.stem: p.read_text() for p in tmp_path.glob("noise_*.json")}
+    assert set(noise) == {"noise_0", "noise_1"} and noise["noise_0"] != noise["noise_1"]
     torch_alone = subprocess.run([sys.executable, "-c", "import torch; torch.manual_seed(0); print(torch.randn(4).tolist())"],
                                  capture_output=True, text=True)
-    assert noise["0"] == torch_alone.stdout.strip()  # rank 0 goes on with the single-process stream
+    assert noise["noise_0"] == torch_alone.stdout.strip()  # rank 0 goes on with the single-process stream
 
 
 def test_a_resumed_two_process_run_equals_an_uninterrupted_one(two_process_vae):
