@@ -72,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--classifier_resolution", type=int, help="side the classifiers see, images resized to it (preset)")
     p.add_argument("--balance_users", action="store_true",
                    help="every classifier draws every user equally often (users with unequal image counts)")
+    p.add_argument("--mixed_precision", choices=clf.PRECISIONS,
+                   help="the classifiers' training: auto = bf16 autocast where the device computes bf16 natively "
+                        "(preset)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="the VAE's weights for the reconstructions: auto = bf16 where the device computes it natively "
@@ -86,7 +89,8 @@ def parse_args(argv=None):
 def resolve_settings(args):
     settings = {**PRESETS[args.preset]["classifier"], "balance_users": args.balance_users}
     evaluation = PRESETS[args.preset]["evaluation"]
-    for name, flag in (("max_train_steps", "max_train_steps"), ("resolution", "classifier_resolution")):
+    for name, flag in (("max_train_steps", "max_train_steps"), ("resolution", "classifier_resolution"),
+                       ("mixed_precision", "mixed_precision")):
         if getattr(args, flag) is not None:
             settings[name] = getattr(args, flag)
     budgets = args.budgets or [str(b) for b in evaluation["budgets"]]
@@ -169,6 +173,7 @@ def main(args):
     compare_dirs = [check_folder(d, "--compare_dir") for d in args.compare_dir]
     output_dir = output_folder(args.output_dir, args.overwrite)
     device = resolve_device(args.device)
+    settings["mixed_precision"] = clf.resolve_precision(settings["mixed_precision"], device)  # the report says which
 
     record = generator_record(generated_dir)
     generator_manifest, generator_vae = generator_parts(record)
@@ -223,15 +228,9 @@ def main(args):
 
     # Every classifier of the protocol, keyed by (role, ...): independent jobs trained together. The
     # real-only rows at "all" are the reference classifiers of the identity section too.
-    steps = settings["max_train_steps"]
-    jobs = sections.protocol_jobs(c_train, c_val, c_gen, budgets, gain_seeds, classic, steps)
-    for seed in range(num_seeds):
-        if reference is None:
-            jobs.setdefault(("real", "all", seed), clf.Job(c_train, c_val, seed, f"real, all per user, seed {seed}"))
-        if vae_path:
-            jobs["vae", seed] = clf.Job(recon_train, recon_val, seed, f"VAE-reconstruction classifier, seed {seed}")
-        jobs["tstr", seed] = clf.Job(c_gen, c_val, seed, f"generated-only classifier, seed {seed}", None,
-                                     sections.steps_for(len(c_gen[1]), len(c_train[1]), steps))
+    jobs = sections.evaluation_jobs(c_train, c_val, c_gen, budgets, gain_seeds, num_seeds, classic,
+                                    settings["max_train_steps"], (recon_train, recon_val) if vae_path else None,
+                                    reference is not None)
     log(f"training {len(jobs)} classifiers at {classifier_resolution}x{classifier_resolution}")
     models = dict(zip(jobs, clf.train_classifiers(list(jobs.values()), users, settings, device)))
 

@@ -111,3 +111,20 @@ def test_classic_augmentation_is_deterministic_for_a_generator():
     a = classic_augmentation(images, partners, every_part, torch.Generator().manual_seed(3))
     b = classic_augmentation(images, partners, every_part, torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and not torch.equal(a, images) and a.shape == images.shape
+
+
+def test_a_classifier_trains_under_bf16_autocast_and_keeps_fp32_weights():
+    from utils.classifier import resolve_precision, train_classifier
+    from utils.training import cpu_computes_bf16
+
+    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_computes_bf16() else "no")
+    assert resolve_precision("no", "cpu") == "no" and resolve_precision("bf16", "cpu") == "bf16"
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1] * 16)
+    images = (torch.randint(0, 60, (32, 3, 16, 16), generator=generator) + 190 * labels.view(-1, 1, 1, 1)).to(torch.uint8)
+    settings = dict(widths=(4, 8), depths=(1, 1), batch_size=16, learning_rate=1e-2, weight_decay=0.0,
+                    max_train_steps=30, eval_every=10, patience=3, mixed_precision="bf16")
+    model, history = train_classifier((images, labels), (images, labels), ["dark", "bright"], settings, seed=0,
+                                      progress=False)
+    assert history["best_val_accuracy"] == 1.0  # dark vs bright: any working training separates them
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--balance_users", action="store_true",
                    help="draw every user equally often (for users with unequal image counts); default: every image once "
                         "per epoch")
+    p.add_argument("--mixed_precision", choices=clf.PRECISIONS,
+                   help="auto = bf16 autocast where the device computes bf16 natively (preset)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing classifier folder")
     p.add_argument("--dry_run", action="store_true", help="print the resolved configuration and exit")
@@ -53,7 +55,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-SETTINGS = ("widths", "depths", "batch_size", "learning_rate", "weight_decay", "max_train_steps", "eval_every", "patience")
+SETTINGS = ("widths", "depths", "batch_size", "learning_rate", "weight_decay", "max_train_steps", "eval_every", "patience",
+            "mixed_precision")
 
 
 def resolve_config(args, train_count):
@@ -79,11 +82,12 @@ def main(args):
     output_dir = output_folder(config.output_dir, config.overwrite)
     device = resolve_device(config.device)
     settings = {**config.pick(*SETTINGS), "balance_users": args.balance_users}
+    settings["mixed_precision"] = clf.resolve_precision(settings["mixed_precision"], device)
     split = (f"--manifest {config.manifest}" if config.manifest else
              f"a new split of --data_dir {manifest.describe()}; give --manifest to use a trained model's split")
     print(f"classifier: {manifest.num_users} users, {train_count} train images at {config.resolution}x{config.resolution}, "
           f"CNN widths {settings['widths']} depths {settings['depths']}, up to {config.max_train_steps} steps "
-          f"of {config.batch_size}, seed {config.seed}, {device}\n  split: {split}")
+          f"of {config.batch_size}, seed {config.seed}, {device} ({settings['mixed_precision']})\n  split: {split}")
     if config.dry_run:
         print(json.dumps(config.to_dict(), indent=2, default=str))
         return 0

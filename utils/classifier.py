@@ -32,7 +32,7 @@ from utils.cli import UsageError
 from utils.data_loader import MANIFEST_NAME, DatasetManifest, is_image_file, load_rgb, natural_key, pil_to_array
 from utils.files import atomic_folder
 from utils.augment import classic_augmentation, roll_time
-from utils.training import adamw, user_weights
+from utils.training import adamw, computes_bf16, user_weights
 
 CONFIG_NAME = "config.json"
 TRAINING_INFO = "training.json"
@@ -177,6 +177,17 @@ def same_user_partners(pools, batch_labels, generator):
     return partners
 
 
+PRECISIONS = ("auto", "no", "bf16")
+
+
+def resolve_precision(choice, device):
+    """The classifier's training precision: `auto` is bf16 autocast where the device computes
+    bf16 natively (a CPU with AMX or AVX512-BF16, a GPU with bf16), else full precision."""
+    if choice == "auto":
+        return "bf16" if computes_bf16(cpu=torch.device(device).type == "cpu") else "no"
+    return choice
+
+
 def train_classifier(train, val, users, settings, seed, device="cpu", desc="classifier", progress=True,
                      augmentation=None):
     """Train from scratch on `train` = (uint8 images, labels); keep the weights with the
@@ -184,7 +195,9 @@ def train_classifier(train, val, users, settings, seed, device="cpu", desc="clas
     evaluations without improvement. With `settings["balance_users"]` batches draw every user
     equally often instead of every image once per epoch. Every batch is shifted circularly in time; with
     `augmentation` (utils.augment.classic_augmentation's settings) it is also mixed within
-    users and masked. Returns (model on device, history dict)."""
+    users and masked. `settings["mixed_precision"]` ("no" when absent) runs the forward
+    pass under bf16 autocast; predictions stay in full precision. Returns (model on device,
+    history dict)."""
     images, labels = train
     if len(images) == 0:
         raise UsageError(f"{desc}: no training images")
@@ -202,6 +215,7 @@ def train_classifier(train, val, users, settings, seed, device="cpu", desc="clas
     pools = {int(u): (labels == u).nonzero().flatten() for u in labels.unique()} if augmentation else None
     # balance_users: every user drawn equally often, whatever their image counts (with replacement).
     weights = user_weights(labels) if settings.get("balance_users") else None
+    bf16 = resolve_precision(settings.get("mixed_precision", "no"), device) == "bf16"
     bar = tqdm(range(1, max_steps + 1), desc=desc, leave=False, disable=not progress)
     for step in bar:
         model.train()
@@ -214,7 +228,8 @@ def train_classifier(train, val, users, settings, seed, device="cpu", desc="clas
             partners = roll_time(to_model_input(images[same_user_partners(pools, labels[index], generator)]), generator)
             x = classic_augmentation(x, partners, augmentation, generator)
         x = x.to(device, memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(x), labels[index].to(device), label_smoothing=0.1)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), labels[index].to(device), label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

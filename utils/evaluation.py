@@ -71,6 +71,23 @@ def protocol_jobs(train, val, generated, budgets, seeds, classic, max_train_step
     return jobs
 
 
+def evaluation_jobs(train, val, generated, budgets, gain_seeds, num_seeds, classic, max_train_steps,
+                    reconstructions=None, reference_given=False):
+    """Every classifier the evaluation trains, keyed by role: the protocol's rows (whose
+    real-only rows at 'all' are also the reference classifiers, unless one is given), the
+    classifiers on VAE reconstructions (`reconstructions` = (train, val) pairs, when given) and
+    those on generated images only."""
+    jobs = protocol_jobs(train, val, generated, budgets, gain_seeds, classic, max_train_steps)
+    for seed in range(num_seeds):
+        if not reference_given:
+            jobs.setdefault(("real", "all", seed), clf.Job(train, val, seed, f"real, all per user, seed {seed}"))
+        if reconstructions is not None:
+            jobs["vae", seed] = clf.Job(*reconstructions, seed, f"VAE-reconstruction classifier, seed {seed}")
+        jobs["tstr", seed] = clf.Job(generated, val, seed, f"generated-only classifier, seed {seed}", None,
+                                     steps_for(len(generated[1]), len(train[1]), max_train_steps))
+    return jobs
+
+
 def verdict(interval):
     """The word for a paired 95% interval: never a positive one for an interval that contains 0."""
     if not np.isfinite(interval["ci_low"]):

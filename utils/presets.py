@@ -33,7 +33,7 @@ PRESETS = {
         # At 16x16 on the tiny 32x32 images, so the tests go through the classifiers' resize.
         "classifier": dict(
             resolution=16, widths=(8, 16, 16, 32), depths=(1, 1, 1, 1), batch_size=16, learning_rate=3e-3,
-            weight_decay=5e-4, max_train_steps=20, eval_every=10, patience=3,
+            weight_decay=5e-4, max_train_steps=20, eval_every=10, patience=3, mixed_precision="no",
         ),
         "evaluation": dict(budgets=("all", 2), num_seeds=1, gain_seeds=2, classic_augmentation=CLASSIC_AUGMENTATION),
         # run_pipeline.py: the built-in dataset it simulates, images generated per user, the VAE gate.
@@ -56,9 +56,10 @@ PRESETS = {
             num_inference_steps=25,
         ),
         # A plain CNN at 32x32, batches of 256: the most identity per CPU second measured (docs/experiments.md).
+        # bf16 autocast where the hardware computes it (auto): 1.7x the steps/s on an AMX CPU, no accuracy lost.
         "classifier": dict(
             resolution=32, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1), batch_size=256, learning_rate=4e-3,
-            weight_decay=5e-4, max_train_steps=250, eval_every=25, patience=4,
+            weight_decay=5e-4, max_train_steps=250, eval_every=25, patience=4, mixed_precision="auto",
         ),
         # 5 paired gain seeds (4 rows x 2 budgets): the intervals of docs/experiments.md; the time it takes is there.
         "evaluation": dict(budgets=("all", 10), num_seeds=3, gain_seeds=5, classic_augmentation=CLASSIC_AUGMENTATION),
@@ -82,7 +83,7 @@ PRESETS = {
         # (not measured there yet: docs/experiments.md has the CPU measurements it grew from).
         "classifier": dict(
             resolution=64, widths=(32, 64, 128, 256), depths=(2, 2, 2, 2), batch_size=256, learning_rate=4e-3,
-            weight_decay=5e-4, max_train_steps=1000, eval_every=50, patience=5,
+            weight_decay=5e-4, max_train_steps=1000, eval_every=50, patience=5, mixed_precision="auto",
         ),
         "evaluation": dict(budgets=("all", 5, 10, 20), num_seeds=3, gain_seeds=5,
                            classic_augmentation=CLASSIC_AUGMENTATION),
