@@ -1,6 +1,7 @@
 """Every benchmark in one table: stage-1 training images/s, stage-2 steps/s with and without
 the latent cache, stage-2 training memory, generation images/s per scheduler (with
-guidance), and peak memory for each; the machine and versions in the header.
+guidance), and peak memory for each; the machine and versions in the header. Then the
+quick preset's profile (benchmarks/stage_profile.py): where each training stage's time goes.
 
     python benchmarks/run_benchmarks.py --quick                 # a smoke run: under 3 minutes on 2 CPU cores
     python benchmarks/run_benchmarks.py --out results/bench     # the standard presets at 256x256
@@ -23,6 +24,7 @@ from pathlib import Path
 if not __package__:  # run as `python benchmarks/run_benchmarks.py`: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.stage_profile import markdown as profile_markdown
 from utils.cli import RunFailed, UsageError, resolve_device, run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -156,8 +158,12 @@ def main(args):
                          "setting": f"256px, dpmsolver_sde {result['steps']} steps, guidance 3, batch 128, {dtype}",
                          "speed": f"**{result['seconds']:.1f} s** ({result['images_per_second']:.1f} images/s)",
                          "memory": memory(result)})
+        profile = run_benchmark("stage_profile.py", ["--preset", "quick", "--steps", 2 if args.quick else 5, *device],
+                                scratch)
+        raw["profile"] = profile
     info = header()
-    table = markdown(info, rows)
+    table = (markdown(info, rows) + f"\n\nWhere the quick preset's time goes ({profile['cpu']}), per step and as "
+             f"the stage's steps imply:\n\n" + profile_markdown(profile["rows"]))
     print(table)
     if args.out:
         out = Path(args.out)

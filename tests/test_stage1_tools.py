@@ -115,3 +115,18 @@ def test_vae_throughput_benchmark_reports_speed_and_memory(tmp_path):
     expected_hours = 50 * 4650 / numbers["images_per_second"] / 3600
     assert numbers["implied_hours"] == pytest.approx(expected_hours)
     assert "images/s" in result.stdout and "peak memory" in result.stdout
+
+
+def test_stage_profile_splits_each_step_into_phases(tmp_path):
+    out = tmp_path / "profile.json"
+    result = run_cli("benchmarks/stage_profile.py", "--preset", "tiny", "--device", "cpu", "--steps", 1, "--out", out)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["stage"].split(" (")[0] for row in rows] == ["VAE", "diffusion", "evaluation classifiers"]
+    for row in rows[:2]:  # a training step does all three, and the hooks see each of them
+        assert all(row["phases"][name] > 0 for name in ("forward", "backward", "optimiser"))
+    assert rows[0]["phases"]["data"] > 0 and rows[0]["steps"] == 4 and rows[1]["steps"] == 4
+    # tiny evaluation: 4 rows x 2 seeds at 'all' (20 steps) and at 2 per user (its floor, 5), one VAE classifier
+    # (20) and one on generated images (5): 18 trainings
+    assert rows[2]["stage"] == "evaluation classifiers (18 trainings)" and rows[2]["steps"] == 8 * 20 + 8 * 5 + 20 + 5
+    assert "| VAE |" in result.stdout and "implied" in result.stdout

@@ -1,0 +1,259 @@
+"""Where a preset's training time goes: per step of the VAE, the diffusion model and the
+evaluation's classifier, the seconds spent loading data, in forward passes, in backward
+passes, in the optimiser and in the rest (loss terms, clipping, EMA, schedule, batch
+preparation), and what the preset's step counts imply for each stage.
+
+    python benchmarks/stage_profile.py --preset quick             # the quick pipeline's stages
+    python benchmarks/stage_profile.py --preset quick --steps 2   # a smoke run
+
+Each stage runs its own training step (utils.vae.build_vae_training,
+utils.diffusion.build_diffusion_training, utils.classifier.train_classifier) on random
+inputs of the preset's shapes; the phases are timed from the outside, by global hooks on
+the outermost module call, `Tensor.backward` and optimiser steps, so the step code is the
+trainers' own. Data: decoding and resizing a batch of simulated PNGs (the first epoch;
+later epochs read the in-memory cache). The classifier runs on one thread, as each of the
+evaluation's side-by-side processes does, and its implied time is the evaluation's
+classifier steps (utils.evaluation.evaluation_jobs for a 31-user, 105-per-user split with
+20 generated images per user) over the processes.
+"""
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if not __package__:  # run as `python benchmarks/stage_profile.py`: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from benchmarks._measure import add_output_arguments, publish, synchronize
+from utils.cli import UsageError, run
+from utils.presets import PRESET_NAMES, PRESETS
+
+PHASES = ("data", "forward", "backward", "optimiser", "other")
+
+
+class PhaseClock:
+    """Seconds spent in forward passes (outermost module calls), `Tensor.backward` and
+    optimiser steps while active; `other` is the rest of each timed step."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.depth = device, dict.fromkeys(PHASES, 0.0), 0
+
+    def _now(self):
+        synchronize(self.device)
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def active(self):
+        def pre_forward(module, args):
+            self.depth += 1
+            if self.depth == 1:
+                self._forward_started = self._now()
+
+        def post_forward(module, args, output):
+            self.depth -= 1
+            if self.depth == 0:
+                self.seconds["forward"] += self._now() - self._forward_started
+
+        def pre_step(optimizer, args, kwargs):
+            self._step_started = self._now()
+
+        def post_step(optimizer, args, kwargs):
+            self.seconds["optimiser"] += self._now() - self._step_started
+
+        backward = torch.Tensor.backward
+
+        def timed_backward(tensor, *args, **kwargs):
+            started = self._now()
+            backward(tensor, *args, **kwargs)
+            self.seconds["backward"] += self._now() - started
+
+        handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre_forward),
+                   torch.nn.modules.module.register_module_forward_hook(post_forward),
+                   register_optimizer_step_pre_hook(pre_step), register_optimizer_step_post_hook(post_step)]
+        torch.Tensor.backward = timed_backward
+        try:
+            yield self
+        finally:
+            torch.Tensor.backward = backward
+            for handle in handles:
+                handle.remove()
+
+    def per_step(self, total_seconds, steps, data_seconds=0.0):
+        """Seconds per step of each phase, `other` being what the hooks did not see."""
+        timed = {name: value / steps for name, value in self.seconds.items()}
+        timed["data"] = data_seconds
+        timed["other"] = total_seconds / steps - sum(timed[name] for name in ("forward", "backward", "optimiser"))
+        return timed
+
+
+def timed_steps(step, steps, device):
+    """(PhaseClock, seconds per step) of `steps` calls of `step()` after one untimed call."""
+    step()
+    clock = PhaseClock(device)
+    with clock.active():
+        started = clock._now()
+        for _ in range(steps):
+            step()
+        total = clock._now() - started
+    return clock, total
+
+
+def data_seconds_per_batch(data_dir, resolution, batch_size):
+    """Decoding and resizing one batch of PNGs, as a trainer's first epoch does."""
+    from utils.data_loader import SpectrogramDataset, build_manifest
+
+    dataset = SpectrogramDataset(data_dir, build_manifest(data_dir), "train", resolution)
+    count = min(len(dataset), batch_size)
+    started = time.perf_counter()
+    for index in range(count):
+        dataset[index]
+    return (time.perf_counter() - started) / count * batch_size
+
+
+def profile_vae(preset, steps, device, data_dir):
+    from utils.training import make_accelerator
+    from utils.vae import build_vae_training, resolve_vae_config
+
+    config = resolve_vae_config({"preset": preset, "device": device})
+    with tempfile.TemporaryDirectory() as scratch:
+        accelerator = make_accelerator(config.device, config.mixed_precision, 1, "none", scratch)
+    torch.manual_seed(0)
+    training = build_vae_training(config, accelerator, max_steps=steps + 1)
+    batch = {"pixel_values": torch.rand(config.batch_size, 3, config.resolution, config.resolution,
+                                        device=accelerator.device) * 2 - 1}
+
+    def step():
+        with accelerator.accumulate(*training.modules):
+            training.step(batch, 0)
+
+    clock, total = timed_steps(step, steps, accelerator.device)
+    data = data_seconds_per_batch(data_dir, config.resolution, config.batch_size)
+    return {"stage": "VAE", "setting": f"{config.resolution}px, batch {config.batch_size}, {config.mixed_precision}",
+            "phases": clock.per_step(total, steps, data), "steps": config.max_train_steps, "parallel": 1}
+
+
+def profile_diffusion(preset, steps, device, num_users):
+    from utils.diffusion import build_diffusion_training, resolve_diffusion_config
+    from utils.training import make_accelerator
+
+    vae = PRESETS[preset]["vae"]
+    size = vae["resolution"] // 2 ** (len(vae["block_out_channels"]) - 1)
+    shape = [vae["latent_channels"], size, size]
+    config = resolve_diffusion_config({"preset": preset, "device": device, "latent_shape": shape,
+                                       "resolution": vae["resolution"]})
+    with tempfile.TemporaryDirectory() as scratch:
+        accelerator = make_accelerator(config.device, config.mixed_precision, 1, "none", scratch)
+    torch.manual_seed(0)
+    training = build_diffusion_training(config, accelerator, num_users, num_users, steps + 1)
+    latents = torch.randn(config.batch_size, *shape, device=accelerator.device)
+    batch = {"mean": latents, "std": torch.full_like(latents, 0.1),
+             "user_index": torch.randint(0, num_users, (config.batch_size,), device=accelerator.device)}
+
+    def step():
+        with accelerator.accumulate(*training.modules):
+            training.step(batch, 0)
+
+    clock, total = timed_steps(step, steps, accelerator.device)
+    # The latents are cached once before training (on the order of a VAE epoch of encoding), so a step reads memory.
+    return {"stage": "diffusion", "setting": f"latents {'x'.join(map(str, shape))}, batch {config.batch_size}, "
+                                             f"{config.mixed_precision}",
+            "phases": clock.per_step(total, steps), "steps": config.max_train_steps, "parallel": 1}
+
+
+def evaluation_steps(preset, num_users, train_per_user, generated_per_user):
+    """Classifier steps the preset's evaluation trains, for a split of that shape."""
+    from utils.evaluation import evaluation_jobs
+
+    evaluation, settings = PRESETS[preset]["evaluation"], PRESETS[preset]["classifier"]
+
+    def split(per_user):
+        return torch.zeros(num_users * per_user, 3, 1, 1, dtype=torch.uint8), torch.arange(num_users).repeat(per_user)
+
+    train, generated = split(train_per_user), split(generated_per_user)
+    budgets = [str(b) for b in evaluation["budgets"]]
+    jobs = evaluation_jobs(train, split(1), generated, budgets, evaluation["gain_seeds"], evaluation["num_seeds"],
+                           evaluation["classic_augmentation"], settings["max_train_steps"], (train, split(1)))
+    return len(jobs), sum(job.max_train_steps or settings["max_train_steps"] for job in jobs.values())
+
+
+def profile_classifier(preset, steps, device, num_users):
+    from utils.classifier import resolve_precision, train_classifier
+
+    settings = {**PRESETS[preset]["classifier"], "max_train_steps": steps, "eval_every": 10**9}
+    settings["mixed_precision"] = resolve_precision(settings["mixed_precision"], device)
+    resolution, count = settings["resolution"], num_users * 105
+    generator = torch.Generator().manual_seed(0)
+    train = (torch.randint(0, 256, (count, 3, resolution, resolution), generator=generator, dtype=torch.uint8),
+             torch.arange(num_users).repeat(105))
+    val = (train[0][:num_users], train[1][:num_users])
+    threads = torch.get_num_threads()
+    processes = 1 if torch.device(device).type != "cpu" else threads
+    torch.set_num_threads(1 if processes > 1 else threads)  # as each of the evaluation's processes
+    try:
+        def step():
+            train_classifier(train, val, list(range(num_users)), settings, seed=0, device=device, progress=False)
+
+        clock, total = timed_steps(step, 1, torch.device(device))
+    finally:
+        torch.set_num_threads(threads)
+    trainings, all_steps = evaluation_steps(preset, num_users, 105, 20)
+    return {"stage": f"evaluation classifiers ({trainings} trainings)",
+            "setting": f"{resolution}px, batch {settings['batch_size']}, {settings['mixed_precision']}, "
+                       f"{processes} x 1 thread" if processes > 1 else f"{resolution}px, batch {settings['batch_size']}",
+            "phases": clock.per_step(total, steps), "steps": all_steps, "parallel": processes}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Per-step phase times of each training stage (see the module docstring).")
+    p.add_argument("--preset", choices=PRESET_NAMES, default="quick")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per stage (default 5)")
+    p.add_argument("--num_users", type=int, default=31)
+    add_output_arguments(p)
+    return p.parse_args(argv)
+
+
+def markdown(rows):
+    lines = ["| stage | setting | data | forward | backward | optimiser | other | per step | steps | implied |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        phases = row["phases"]
+        per_step = sum(phases.values())
+        lines.append(f"| {row['stage']} | {row['setting']} | "
+                     + " | ".join(f"{phases[name] * 1000:.0f} ms" for name in PHASES)
+                     + f" | {per_step * 1000:.0f} ms | {row['steps']} | {row['implied_minutes']:.1f} min |")
+    return "\n".join(lines)
+
+
+def main(args):
+    if args.steps < 1 or args.num_users < 2:
+        raise UsageError("--steps must be at least 1 and --num_users at least 2")
+    from utils.cli import resolve_device
+
+    device = resolve_device(args.device).type
+    with tempfile.TemporaryDirectory() as scratch:
+        from utils.gait_simulator import SimulationSettings, write_dataset
+
+        data_dir = Path(scratch) / "data"
+        write_dataset(data_dir, SimulationSettings(num_users=2, images_per_user=PRESETS[args.preset]["vae"]["batch_size"],
+                                                   resolution=PRESETS[args.preset]["pipeline"]["resolution"]),
+                      progress=False)
+        rows = [profile_vae(args.preset, args.steps, device, data_dir),
+                profile_diffusion(args.preset, args.steps, device, args.num_users),
+                profile_classifier(args.preset, args.steps, device, args.num_users)]
+    for row in rows:
+        row["implied_minutes"] = sum(row["phases"].values()) * row["steps"] / row["parallel"] / 60
+    table = markdown(rows)
+    cpu = Path("/proc/cpuinfo").read_text().split("model name")[1].split("\n")[0].strip(" :\t") \
+        if Path("/proc/cpuinfo").is_file() else "unknown CPU"
+    return publish({"preset": args.preset, "device": device, "cpu": cpu, "rows": rows},
+                   f"{args.preset} preset on {device} ({cpu}, {torch.get_num_threads()} threads):\n{table}", args.out)
+
+
+if __name__ == "__main__":
+    run(main, parse_args())
