@@ -116,13 +116,23 @@ def data_seconds_per_batch(data_dir, resolution, batch_size):
     return (time.perf_counter() - started) / count * batch_size
 
 
-def profile_vae(preset, steps, device, data_dir):
+def fresh_accelerator(config, scratch):
+    """An Accelerator of the stage's own precision: accelerate keeps one state per process,
+    so the previous stage's is dropped first (with accelerate's own reset, as its tests do)."""
+    from accelerate.state import AcceleratorState
+
     from utils.training import make_accelerator
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return make_accelerator(config.device, config.mixed_precision, 1, "none", scratch)
+
+
+def profile_vae(preset, steps, device, data_dir):
     from utils.vae import build_vae_training, resolve_vae_config
 
     config = resolve_vae_config({"preset": preset, "device": device})
     with tempfile.TemporaryDirectory() as scratch:
-        accelerator = make_accelerator(config.device, config.mixed_precision, 1, "none", scratch)
+        accelerator = fresh_accelerator(config, scratch)
     torch.manual_seed(0)
     training = build_vae_training(config, accelerator, max_steps=steps + 1)
     batch = {"pixel_values": torch.rand(config.batch_size, 3, config.resolution, config.resolution,
@@ -140,7 +150,6 @@ def profile_vae(preset, steps, device, data_dir):
 
 def profile_diffusion(preset, steps, device, num_users):
     from utils.diffusion import build_diffusion_training, resolve_diffusion_config
-    from utils.training import make_accelerator
 
     vae = PRESETS[preset]["vae"]
     size = vae["resolution"] // 2 ** (len(vae["block_out_channels"]) - 1)
@@ -148,7 +157,7 @@ def profile_diffusion(preset, steps, device, num_users):
     config = resolve_diffusion_config({"preset": preset, "device": device, "latent_shape": shape,
                                        "resolution": vae["resolution"]})
     with tempfile.TemporaryDirectory() as scratch:
-        accelerator = make_accelerator(config.device, config.mixed_precision, 1, "none", scratch)
+        accelerator = fresh_accelerator(config, scratch)
     torch.manual_seed(0)
     training = build_diffusion_training(config, accelerator, num_users, num_users, steps + 1)
     latents = torch.randn(config.batch_size, *shape, device=accelerator.device)

@@ -87,7 +87,7 @@ def check_optimisation(values):
             raise UsageError(f"--{name} must be at least 1")
     if values["learning_rate"] <= 0:
         raise UsageError(f"--learning_rate must be positive, got {values['learning_rate']}")
-    if not (values["max_train_steps"] or values["num_epochs"]):
+    if not (values.get("max_train_steps") or values.get("num_epochs")):  # unset flags may be absent (benchmarks)
         raise UsageError("give --max_train_steps or --num_epochs")
 
 
