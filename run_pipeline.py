@@ -119,8 +119,10 @@ def minutes(seconds):
 def machine():
     import torch
 
+    from utils.training import cpu_model
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}; Python " \
+    return f"{cpu_model()}, {os.cpu_count()} CPU cores, {gpu}; Python " \
            f"{platform.python_version()}, torch {torch.__version__}"
 
 

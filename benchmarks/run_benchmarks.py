@@ -26,6 +26,7 @@ if not __package__:  # run as `python benchmarks/run_benchmarks.py`: make the re
 
 from benchmarks.stage_profile import markdown as profile_markdown
 from utils.cli import RunFailed, UsageError, resolve_device, run
+from utils.training import cpu_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,7 @@ def header():
             versions.append(f"{name} {version(name)}")
         except Exception:
             versions.append(f"{name} ?")
-    return {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}",
+    return {"machine": f"{cpu_model()}, {os.cpu_count()} CPU cores, {gpu}",
             "python": platform.python_version(), "versions": ", ".join(versions),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
@@ -162,8 +163,8 @@ def main(args):
                                 scratch)
         raw["profile"] = profile
     info = header()
-    table = (markdown(info, rows) + f"\n\nWhere the quick preset's time goes ({profile['cpu']}), per step and as "
-             f"the stage's steps imply:\n\n" + profile_markdown(profile["rows"]))
+    table = (markdown(info, rows) + "\n\nWhere the quick preset's time goes, per step and as the stage's steps "
+             "imply:\n\n" + profile_markdown(profile["rows"]))
     print(table)
     if args.out:
         out = Path(args.out)

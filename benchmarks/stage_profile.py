@@ -258,8 +258,9 @@ def main(args):
     for row in rows:
         row["implied_minutes"] = sum(row["phases"].values()) * row["steps"] / row["parallel"] / 60
     table = markdown(rows)
-    cpu = Path("/proc/cpuinfo").read_text().split("model name")[1].split("\n")[0].strip(" :\t") \
-        if Path("/proc/cpuinfo").is_file() else "unknown CPU"
+    from utils.training import cpu_model
+
+    cpu = cpu_model()
     return publish({"preset": args.preset, "device": device, "cpu": cpu, "rows": rows},
                    f"{args.preset} preset on {device} ({cpu}, {torch.get_num_threads()} threads):\n{table}", args.out)
 

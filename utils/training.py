@@ -17,6 +17,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import sys
@@ -38,6 +39,16 @@ def cpu_computes_bf16():
     hence the fallback.)"""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def cpu_model():
+    """The CPU's model name, with "(bf16 units)" where it has them: every reported time names it."""
+    name = None
+    if Path("/proc/cpuinfo").is_file():
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), None)
+    name = name or platform.processor() or platform.machine()
+    return f"{name} (bf16 units)" if cpu_computes_bf16() else name
 
 
 def computes_bf16(cpu):
