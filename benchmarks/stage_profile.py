@@ -31,8 +31,9 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from benchmarks._measure import add_output_arguments, publish, synchronize
-from utils.cli import UsageError, run
+from utils.cli import UsageError, resolve_device, run
 from utils.presets import PRESET_NAMES, PRESETS
+from utils.training import cpu_model
 
 PHASES = ("data", "forward", "backward", "optimiser", "other")
 
@@ -151,11 +152,12 @@ def profile_vae(preset, steps, device, data_dir):
 def profile_diffusion(preset, steps, device, num_users):
     from utils.diffusion import build_diffusion_training, resolve_diffusion_config
 
-    vae = PRESETS[preset]["vae"]
-    size = vae["resolution"] // 2 ** (len(vae["block_out_channels"]) - 1)
-    shape = [vae["latent_channels"], size, size]
-    config = resolve_diffusion_config({"preset": preset, "device": device, "latent_shape": shape,
-                                       "resolution": vae["resolution"]})
+    from utils.vae import ARCHITECTURE, build_vae, resolve_vae_config
+
+    # The preset's VAE decides the latent shape, as in train_diffusion.py.
+    vae_config = build_vae(**resolve_vae_config({"preset": preset, "device": device}).pick(*ARCHITECTURE)).config
+    config = resolve_diffusion_config({"preset": preset, "device": device}, vae_config)
+    shape = config.latent_shape
     with tempfile.TemporaryDirectory() as scratch:
         accelerator = fresh_accelerator(config, scratch)
     torch.manual_seed(0)
@@ -213,8 +215,8 @@ def profile_classifier(preset, steps, device, num_users):
         torch.set_num_threads(threads)
     trainings, all_steps = evaluation_steps(preset, num_users, 105, 20)
     return {"stage": f"evaluation classifiers ({trainings} trainings)",
-            "setting": f"{resolution}px, batch {settings['batch_size']}, {settings['mixed_precision']}, "
-                       f"{processes} x 1 thread" if processes > 1 else f"{resolution}px, batch {settings['batch_size']}",
+            "setting": f"{resolution}px, batch {settings['batch_size']}, {settings['mixed_precision']}"
+                       + (f", {processes} x 1 thread" if processes > 1 else ""),
             "phases": clock.per_step(total, steps), "steps": all_steps, "parallel": processes}
 
 
@@ -242,8 +244,6 @@ def markdown(rows):
 def main(args):
     if args.steps < 1 or args.num_users < 2:
         raise UsageError("--steps must be at least 1 and --num_users at least 2")
-    from utils.cli import resolve_device
-
     device = resolve_device(args.device).type
     with tempfile.TemporaryDirectory() as scratch:
         from utils.gait_simulator import SimulationSettings, write_dataset
@@ -258,8 +258,6 @@ def main(args):
     for row in rows:
         row["implied_minutes"] = sum(row["phases"].values()) * row["steps"] / row["parallel"] / 60
     table = markdown(rows)
-    from utils.training import cpu_model
-
     cpu = cpu_model()
     return publish({"preset": args.preset, "device": device, "cpu": cpu, "rows": rows},
                    f"{args.preset} preset on {device} ({cpu}, {torch.get_num_threads()} threads):\n{table}", args.out)
