@@ -46,8 +46,10 @@ def test_resize_keeps_flat_colours_and_skips_the_same_size():
 def test_classifiers_trained_side_by_side_come_back_in_order():
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
     settings = {**PRESETS["tiny"]["classifier"], "max_train_steps": 30, "learning_rate": 1e-2}
-    jobs = [clf.Job((images, torch.full((8,), label)), (images[:2], torch.full((2,), label)), 0, f"all {label}")
-            for label in (2, 0, 1)]  # each job sees one user only, so its model answers that user
+    # Each job sees one user only, so its model answers that user; unequal steps, so the pool's
+    # longest-first order differs from the order asked for.
+    jobs = [clf.Job((images, torch.full((8,), label)), (images[:2], torch.full((2,), label)), 0, f"all {label}",
+                    None, steps) for label, steps in ((2, 20), (0, 30), (1, 25))]
     models = clf.train_classifiers(jobs, ["a", "b", "c"], settings, processes=2)
     assert [clf.predict(m, images)[0].argmax(1).unique().tolist() for m in models] == [[2], [0], [1]]
 

@@ -294,11 +294,13 @@ def train_classifiers(jobs, users, settings, device="cpu", processes=None):
     # spawn, not fork: a forked copy of a process whose thread pools already ran can hang.
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        futures = [pool.submit(_train_in_worker, job, users, settings) for job in jobs]
+        # Longest first: the short jobs then fill the gaps, and no long one runs alone at the end.
+        order = sorted(range(len(jobs)), key=lambda i: -(jobs[i].max_train_steps or settings["max_train_steps"]))
+        futures = {i: pool.submit(_train_in_worker, jobs[i], users, settings) for i in order}
         bar = tqdm(total=len(jobs), desc=f"classifiers ({processes} processes)", leave=False)
-        for future in futures:
+        for future in futures.values():
             future.add_done_callback(lambda _: bar.update(1))
-        states = [future.result() for future in futures]
+        states = [futures[i].result() for i in range(len(jobs))]
         bar.close()
     models = []
     for state in states:
