@@ -190,7 +190,7 @@ def evaluation_steps(preset, num_users, train_per_user, generated_per_user):
     budgets = [str(b) for b in evaluation["budgets"]]
     jobs = evaluation_jobs(train, split(1), generated, budgets, evaluation["gain_seeds"], evaluation["num_seeds"],
                            evaluation["classic_augmentation"], settings["max_train_steps"], (train, split(1)))
-    return len(jobs), sum(job.max_train_steps or settings["max_train_steps"] for job in jobs.values())
+    return len(jobs), sum(job.steps(settings) for job in jobs.values())
 
 
 def profile_classifier(preset, steps, device, num_users):

@@ -263,9 +263,13 @@ class Job:
     augmentation: dict = None
     max_train_steps: int = None
 
+    def steps(self, settings):
+        """The steps it trains for: its own, else the settings'."""
+        return self.max_train_steps or settings["max_train_steps"]
+
 
 def _train_job(job, users, settings, device="cpu", progress=True):
-    steps = job.max_train_steps or settings["max_train_steps"]
+    steps = job.steps(settings)
     model, _ = train_classifier(job.train, job.val, users, {**settings, "max_train_steps": steps}, job.seed, device,
                                 desc=job.desc, progress=progress, augmentation=job.augmentation)
     return model
@@ -283,7 +287,7 @@ def train_classifiers(jobs, users, settings, device="cpu", processes=None):
     convolutions use two threads poorly (docs/experiments.md). A process takes seconds to
     start (imports), so by default (`processes=None`) only jobs of 2000 steps or more in all
     are spread. On a GPU, one after another."""
-    steps = sum(job.max_train_steps or settings["max_train_steps"] for job in jobs)
+    steps = sum(job.steps(settings) for job in jobs)
     if torch.device(device).type != "cpu":
         processes = 1
     elif processes is None:
@@ -295,7 +299,7 @@ def train_classifiers(jobs, users, settings, device="cpu", processes=None):
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(1,)) as pool:
         # Longest first: the short jobs then fill the gaps, and no long one runs alone at the end.
-        order = sorted(range(len(jobs)), key=lambda i: -(jobs[i].max_train_steps or settings["max_train_steps"]))
+        order = sorted(range(len(jobs)), key=lambda i: -jobs[i].steps(settings))
         futures = {i: pool.submit(_train_in_worker, jobs[i], users, settings) for i in order}
         bar = tqdm(total=len(jobs), desc=f"classifiers ({processes} processes)", leave=False)
         for future in futures.values():
