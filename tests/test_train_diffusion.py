@@ -241,7 +241,20 @@ def test_condition_dropout_selects_only_the_null_token():
     assert torch.equal(drop_conditions(users, 5, 0.0), users)
 
 
-@pytest.mark.parametrize("case", ["missing_vae", "not_a_vae", "other_users", "resolution"])
+def test_attention_sits_on_the_lowest_resolution_levels():
+    from utils.diffusion import build_unet
+
+    def blocks(levels):
+        unet = build_unet(4, 8, [8, 16, 16], 1, levels, 2, 8, 8)
+        return [type(b).__name__ for b in unet.down_blocks], [type(b).__name__ for b in unet.up_blocks]
+
+    assert blocks(1) == (["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+                         ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"])
+    assert blocks(0) == (["DownBlock2D"] * 3, ["UpBlock2D"] * 3)
+    assert blocks(3)[0] == ["CrossAttnDownBlock2D"] * 3
+
+
+@pytest.mark.parametrize("case", ["missing_vae", "not_a_vae", "other_users", "resolution", "attention_levels"])
 def test_bad_input_exits_2(stage1, tmp_path, case):
     vae_path, data, extra = stage1 / "vae/final_model", stage1 / "data", []
     if case == "missing_vae":
@@ -252,8 +265,10 @@ def test_bad_input_exits_2(stage1, tmp_path, case):
         data = tmp_path / "other"
         for user in ("alice", "bob"):
             write_image(data / user / "0.png", size=(32, 32))
-    else:
+    elif case == "resolution":
         extra = ["--resolution", "64"]
+    else:
+        extra = ["--attention_levels", "3"]  # the tiny UNet has 2 levels
     result = run_cli(SCRIPT, "--data_dir", data, "--vae_path", vae_path, "--output_dir", tmp_path / "run",
                      "--preset", "tiny", "--device", "cpu", *extra)
     assert result.returncode == 2, result.stderr

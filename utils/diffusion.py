@@ -27,8 +27,8 @@ from utils.sampling import class_labels
 from utils.training import adamw, check_optimisation, cosine_schedule, launcher_precision, optimise, resolve_hardware
 
 CACHE_FILE = "latent_cache/train.safetensors"
-UNET_ARCHITECTURE = ("block_out_channels", "layers_per_block", "attention_head_dim", "norm_num_groups",
-                     "cross_attention_dim")
+UNET_ARCHITECTURE = ("block_out_channels", "layers_per_block", "attention_levels", "attention_head_dim",
+                     "norm_num_groups", "cross_attention_dim")
 
 
 def check_arguments(values):
@@ -37,6 +37,9 @@ def check_arguments(values):
         raise UsageError(f"--block_out_channels {bad} must be multiples of --norm_num_groups {values['norm_num_groups']}")
     if not 0 <= values["condition_dropout"] < 1:
         raise UsageError(f"--condition_dropout must be in [0, 1), got {values['condition_dropout']}")
+    if not 0 <= values["attention_levels"] <= len(values["block_out_channels"]):
+        raise UsageError(f"--attention_levels must be between 0 and the UNet's {len(values['block_out_channels'])} "
+                         f"levels (--block_out_channels), got {values['attention_levels']}")
     for name in ("layers_per_block", "cross_attention_dim", "num_condition_tokens", "num_train_timesteps",
                  "num_inference_steps"):
         if values[name] < 1:
@@ -74,16 +77,17 @@ def resolve_diffusion_config(given, vae_config=None):
     return Config({**values, "preset_filled": decided})
 
 
-def build_unet(latent_channels, latent_size, block_out_channels, layers_per_block, attention_head_dim,
-               norm_num_groups, cross_attention_dim, num_class_embeds=None):
-    """The denoiser's UNet; with `num_class_embeds` (users + the null row) a user embedding
-    is added to the timestep embedding, so every ResNet block sees the user."""
+def build_unet(latent_channels, latent_size, block_out_channels, layers_per_block, attention_levels,
+               attention_head_dim, norm_num_groups, cross_attention_dim, num_class_embeds=None):
+    """The denoiser's UNet, with (self- and cross-) attention on its `attention_levels`
+    lowest-resolution levels and in the mid-block; with `num_class_embeds` (users + the null
+    row) a user embedding is added to the timestep embedding, so every ResNet block sees the user."""
     from diffusers import UNet2DConditionModel
 
-    levels = len(block_out_channels)
-    # Cross-attention on every level but the first (the largest, where attention costs most).
-    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1)
-    up = ("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",)
+    plain = len(block_out_channels) - attention_levels
+    # Attention where the feature map is smallest: its cost grows with the square of the tokens.
+    down = ("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attention_levels
+    up = ("CrossAttnUpBlock2D",) * attention_levels + ("UpBlock2D",) * plain
     return UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=latent_channels,

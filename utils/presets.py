@@ -25,10 +25,10 @@ PRESETS = {
             checkpointing_steps=2, validation_steps=2, num_validation_images=4, latent_stats_images=16,
         ),
         "diffusion": dict(
-            block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=4, norm_num_groups=8,
-            cross_attention_dim=16, num_condition_tokens=2, batch_size=4, learning_rate=1e-3, max_train_steps=4,
-            warmup_steps=1, checkpointing_steps=2, validation_steps=2, validation_users=2, validation_seeds=2,
-            num_inference_steps=4,
+            block_out_channels=(16, 32), layers_per_block=1, attention_levels=1, attention_head_dim=4,
+            norm_num_groups=8, cross_attention_dim=16, num_condition_tokens=2, batch_size=4, learning_rate=1e-3,
+            max_train_steps=4, warmup_steps=1, checkpointing_steps=2, validation_steps=2, validation_users=2,
+            validation_seeds=2, num_inference_steps=4,
         ),
         # At 16x16 on the tiny 32x32 images, so the tests go through the classifiers' resize.
         "classifier": dict(
@@ -48,12 +48,13 @@ PRESETS = {
             checkpointing_steps=200, validation_steps=200, num_validation_images=8, latent_stats_images=2000,
             mixed_precision="auto",
         ),
-        # Batch 16: on 2 cores more, smaller steps learn more identity per second (docs/experiments.md).
+        # Batch 16: on 2 cores more, smaller steps learn more identity per second. Attention only at 4x4 and
+        # bf16 where the CPU computes it: 2.3x the steps/s, so twice the steps fit (docs/experiments.md).
         "diffusion": dict(
-            block_out_channels=(64, 128, 128), layers_per_block=1, attention_head_dim=8, norm_num_groups=32,
-            cross_attention_dim=128, num_condition_tokens=4, batch_size=16, learning_rate=1e-3, max_train_steps=1600,
-            warmup_steps=100, checkpointing_steps=400, validation_steps=800, validation_users=8, validation_seeds=4,
-            num_inference_steps=25,
+            block_out_channels=(64, 128, 128), layers_per_block=1, attention_levels=1, attention_head_dim=8,
+            norm_num_groups=32, cross_attention_dim=128, num_condition_tokens=4, batch_size=16, learning_rate=1e-3,
+            max_train_steps=3200, warmup_steps=100, checkpointing_steps=800, validation_steps=1600, validation_users=8,
+            validation_seeds=4, num_inference_steps=25, mixed_precision="auto",
         ),
         # A plain CNN at 32x32, batches of 256: the most identity per CPU second measured (docs/experiments.md).
         # bf16 autocast where the hardware computes it (auto): 1.7x the steps/s on an AMX CPU, no accuracy lost.
@@ -74,10 +75,10 @@ PRESETS = {
         ),
         # The original's scale: sized for a 16 GB GPU at batch 16 in fp16.
         "diffusion": dict(
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, attention_head_dim=8, norm_num_groups=32,
-            cross_attention_dim=512, num_condition_tokens=4, batch_size=16, learning_rate=1e-4, num_epochs=100,
-            warmup_steps=500, checkpointing_steps=1000, validation_steps=1000, validation_users=8, validation_seeds=4,
-            num_inference_steps=25,
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, attention_levels=3, attention_head_dim=8,
+            norm_num_groups=32, cross_attention_dim=512, num_condition_tokens=4, batch_size=16, learning_rate=1e-4,
+            num_epochs=100, warmup_steps=500, checkpointing_steps=1000, validation_steps=1000, validation_users=8,
+            validation_seeds=4, num_inference_steps=25,
         ),
         # The quick recipe at 64x64 with two convolutions per stage and 4x the steps, for a GPU
         # (not measured there yet: docs/experiments.md has the CPU measurements it grew from).
