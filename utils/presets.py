@@ -73,12 +73,13 @@ PRESETS = {
             norm_num_groups=32, batch_size=8, learning_rate=1e-4, num_epochs=50, warmup_steps=500,
             checkpointing_steps=1000, validation_steps=500, num_validation_images=8, latent_stats_images=2000,
         ),
-        # The original's scale: sized for a 16 GB GPU at batch 16 in fp16.
+        # The original's scale: sized for a 16 GB GPU at batch 16 in fp16 (auto: bf16 where the GPU has it).
+        # Attention stays on three levels: its cost was measured on a CPU only (docs/experiments.md).
         "diffusion": dict(
             block_out_channels=(128, 256, 512, 512), layers_per_block=2, attention_levels=3, attention_head_dim=8,
             norm_num_groups=32, cross_attention_dim=512, num_condition_tokens=4, batch_size=16, learning_rate=1e-4,
             num_epochs=100, warmup_steps=500, checkpointing_steps=1000, validation_steps=1000, validation_users=8,
-            validation_seeds=4, num_inference_steps=25,
+            validation_seeds=4, num_inference_steps=25, mixed_precision="auto",
         ),
         # The quick recipe at 64x64 with two convolutions per stage and 4x the steps, for a GPU
         # (not measured there yet: docs/experiments.md has the CPU measurements it grew from).
