@@ -91,7 +91,8 @@ def parse_args(argv=None):
     model.add_argument("--block_out_channels", type=int, nargs="+", help="UNet channels per level")
     model.add_argument("--layers_per_block", type=int)
     model.add_argument("--attention_levels", type=int,
-                       help="UNet levels with attention, counted from the lowest resolution (the mid-block always has it)")
+                       help="UNet levels with attention, counted from the lowest resolution (the mid-block always "
+                            "has it)")
     model.add_argument("--attention_head_dim", type=int, help="attention heads per cross-attention block")
     model.add_argument("--norm_num_groups", type=int, help="GroupNorm groups; divides every channel count")
     model.add_argument("--cross_attention_dim", type=int, help="width of the condition tokens")
