@@ -254,6 +254,51 @@ def test_attention_sits_on_the_lowest_resolution_levels():
     assert blocks(3)[0] == ["CrossAttnDownBlock2D"] * 3
 
 
+def test_heldout_loss_is_zero_for_an_oracle_and_one_for_a_zero_prediction():
+    """Known answers: a denoiser that knows each user's clean latent recovers the noise
+    exactly (loss 0); predicting zeros costs E[noise^2] = 1; every call draws the same."""
+    from types import SimpleNamespace
+
+    from utils.diffusion import build_noise_scheduler, heldout_loss
+
+    scheduler = build_noise_scheduler(1000, "epsilon")
+    clean = torch.randn(3, 4, 8, 8)
+    cache = {"mean": clean[[0, 1, 2, 1]], "user_index": torch.tensor([0, 1, 2, 1])}
+    config = SimpleNamespace(num_train_timesteps=1000, prediction_type="epsilon", snr_gamma=0.0)
+    alphas = scheduler.alphas_cumprod
+
+    def oracle(noisy, timesteps, users):
+        a = alphas[timesteps].view(-1, 1, 1, 1)
+        return (noisy - a.sqrt() * clean[users]) / (1 - a).sqrt()
+
+    assert heldout_loss(oracle, scheduler, cache, config, "cpu", batch_size=5) < 1e-8
+    zero = heldout_loss(lambda noisy, t, users: torch.zeros_like(noisy), scheduler, cache, config, "cpu")
+    assert 0.9 < zero < 1.1
+    assert heldout_loss(lambda noisy, t, users: torch.zeros_like(noisy), scheduler, cache, config, "cpu",
+                        batch_size=3) == pytest.approx(zero)
+
+
+def test_best_so_far_counts_the_measurements_after_the_lowest():
+    from training.train_diffusion import best_so_far
+
+    assert best_so_far([]) == (None, 0)
+    assert best_so_far([3.0, 2.0, 2.5, 2.7]) == (1, 2)
+    assert best_so_far([3.0, 2.0, 1.0]) == (2, 0)
+
+
+def test_final_model_keeps_the_weights_of_the_lowest_heldout_loss(generator_run):
+    records = [json.loads(line) for line in (generator_run / "logs/metrics.jsonl").read_text().splitlines()]
+    heldout = [(r["step"], r["heldout_loss"]) for r in records if "heldout_loss" in r]
+    assert [step for step, _ in heldout] == [2, 4] and all(loss > 0 for _, loss in heldout)
+    assert (generator_run / "latent_cache/val.safetensors").exists()
+    best_step, best_loss = min(heldout, key=lambda pair: pair[1])
+    assert f"weights of step {best_step}, the lowest held-out (val split) loss, {best_loss:.4f}, of 4 steps" in \
+        (generator_run / "final_model/README.md").read_text()
+    best = load_file(generator_run / "best/denoiser.safetensors")
+    shipped = load_file(generator_run / "final_model/unet/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(best[f"unet.{name}"], value) for name, value in shipped.items())
+
+
 @pytest.mark.parametrize("case", ["missing_vae", "not_a_vae", "other_users", "resolution", "attention_levels"])
 def test_bad_input_exits_2(stage1, tmp_path, case):
     vae_path, data, extra = stage1 / "vae/final_model", stage1 / "data", []

@@ -10,7 +10,7 @@ from utils.presets import Config, resolve_preset
 from utils.training import checkpoints, optimise, start_run, train_loader, train_loop
 
 
-def toy_run(output_dir, max_steps, loss_at=lambda step, loss: loss, resume_from=None):
+def toy_run(output_dir, max_steps, loss_at=lambda step, loss: loss, resume_from=None, heldout=None):
     """A linear model on 12 points, batch 4 (3 steps per epoch), through the real loop."""
     from accelerate import Accelerator
 
@@ -38,7 +38,8 @@ def toy_run(output_dir, max_steps, loss_at=lambda step, loss: loss, resume_from=
     last = train_loop(accelerator, loader, train_step, modules=[model], lr_scheduler=schedule, metrics=metrics,
                       output_dir=output_dir, start_step=step, max_steps=max_steps, steps_per_epoch=3,
                       gradient_accumulation_steps=1, checkpointing_steps=2, checkpoints_total_limit=2,
-                      validation_steps=3, validate=validate, curve_keys=["loss"], desc="toy")
+                      validation_steps=3, validate=validate, curve_keys=["loss"], desc="toy", heldout_steps=2,
+                      heldout=heldout)
     return last, validated, model
 
 
@@ -58,6 +59,20 @@ def test_loop_logs_checkpoints_validates_and_resumes(tmp_path):
     assert validated == [6, 7] and logged_steps(tmp_path / "b") == list(range(1, 8))
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_the_heldout_hook_is_logged_and_can_stop_the_run(tmp_path):
+    asked = []
+
+    def heldout(step):
+        asked.append(step)
+        return {"heldout_loss": 10.0 - step}, step >= 4
+
+    last, validated, _ = toy_run(tmp_path, max_steps=9, heldout=heldout)
+    assert last == 4 and asked == [2, 4] and validated == [3]
+    records = [json.loads(line) for line in (tmp_path / "logs/metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["heldout_loss"]) for r in records if "heldout_loss" in r] == [(2, 8.0), (4, 6.0)]
+    assert checkpoints(tmp_path)[-1].name == "checkpoint-000004"  # the stop is a resumable state
 
 
 def test_a_non_finite_loss_stops_with_the_step_and_the_last_checkpoint(tmp_path):

@@ -24,10 +24,12 @@ if not __package__:  # run as `python training/train_diffusion.py`: make the rep
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from tqdm.auto import tqdm
 
 from utils.cli import HelpFormatter, UsageError, run
 from utils.data_loader import MANIFEST_NAME, SpectrogramDataset, add_split_arguments, check_data_dir
-from utils.diffusion import LatentDataset, build_diffusion_training, load_or_build_cache, resolve_diffusion_config
+from utils.diffusion import LatentDataset, build_diffusion_training, heldout_loss, load_or_build_cache, \
+    resolve_diffusion_config
 from utils.files import atomic_path
 from utils.image_grid import labelled_grid, to_pil
 from utils.pipeline import save_generator
@@ -73,6 +75,64 @@ def validate(accelerator, training, vae, config, manifest, step, output_dir):
     return f"step {step}: validation grid samples/step-{step:06d}.png"
 
 
+def best_so_far(losses):
+    """(index of the lowest of `losses`, how many came after it); (None, 0) for none."""
+    if not losses:
+        return None, 0
+    best = min(range(len(losses)), key=losses.__getitem__)
+    return best, len(losses) - 1 - best
+
+
+class HeldoutSelection:
+    """The held-out loss of the EMA weights every `heldout_steps`. The weights of its lowest
+    value are kept (best/denoiser.safetensors) and become final_model; with a patience, the
+    run stops once that many measurements in a row have not improved on it. The state is
+    the metrics log itself, so a resumed run picks it up."""
+
+    def __init__(self, accelerator, training, config, cache, output_dir, records):
+        self.accelerator, self.training, self.config, self.cache = accelerator, training, config, cache
+        self.path = Path(output_dir) / "best" / "denoiser.safetensors"
+        logged = [(r["step"], r["heldout_loss"]) for r in records if "heldout_loss" in r]
+        best, self.since_best = best_so_far([loss for _, loss in logged])
+        self.best_step, self.best_loss = logged[best] if logged else (None, float("inf"))
+
+    @torch.no_grad()
+    def __call__(self, step):
+        from safetensors.torch import save_file
+
+        self.training.swap_in_ema()
+        denoiser = self.training.denoiser.eval()
+        with self.accelerator.autocast():
+            loss = heldout_loss(denoiser, self.training.noise_scheduler, self.cache, self.config,
+                                self.accelerator.device)
+        if loss < self.best_loss:
+            self.best_step, self.best_loss, self.since_best = step, loss, 0
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.path) as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}, str(tmp))
+        else:
+            self.since_best += 1
+        denoiser.train()
+        self.training.swap_out_ema()
+        patience = self.config.heldout_patience
+        stop = bool(patience) and self.since_best >= patience
+        if stop:
+            tqdm.write(f"step {step}: the held-out loss has not improved for {self.since_best} measurements since "
+                       f"step {self.best_step} ({self.best_loss:.4f}): stopping")
+        return {"heldout_loss": loss}, stop
+
+    def load_best(self, last_step):
+        """Put the best measured weights into the denoiser; returns the model card's line on them."""
+        from safetensors.torch import load_file
+
+        if self.best_step is None:
+            return None
+        if self.best_step != last_step:
+            self.training.denoiser.load_state_dict(load_file(str(self.path)))
+        return (f"the {'EMA ' if self.config.use_ema else ''}weights of step {self.best_step}, the lowest held-out "
+                f"(val split) loss, {self.best_loss:.4f}, of {last_step} steps trained")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Stage 2: train a user-conditioned latent diffusion model (see the module docstring).",
@@ -111,6 +171,13 @@ def parse_args(argv=None):
     opt, run_group = add_training_arguments(p, "latents")
     opt.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None, help="keep an EMA of the weights")
     opt.add_argument("--ema_decay", type=float, help="EMA decay ceiling (with warmup: 1 - (1 + step)^-2/3 until then)")
+    run_group.add_argument("--heldout_steps", type=int,
+                           help="every N steps, the EMA model's loss on the val split's latents (logged as "
+                                "heldout_loss; rising while the training loss falls = memorising); final_model "
+                                "keeps the weights of its lowest value; 0 = never measure, keep the last")
+    run_group.add_argument("--heldout_patience", type=int,
+                           help="stop once the held-out loss has not improved for N measurements in a row; 0 = "
+                                "train every step")
     run_group.add_argument("--validation_users", type=int, help="users in each validation grid")
     run_group.add_argument("--validation_seeds", type=int, help="images per user in each validation grid")
     run_group.add_argument("--num_inference_steps", type=int, help="DPM-Solver++ steps for validation samples")
@@ -164,6 +231,10 @@ def main(args):
         output_dir.mkdir(parents=True, exist_ok=True)
     cache = load_or_build_cache(accelerator, vae, config.vae_path, data_dir, manifest, config.resolution,
                                 config.batch_size, output_dir)
+    heldout_cache = None
+    if config.heldout_steps and manifest.samples("val"):
+        heldout_cache = load_or_build_cache(accelerator, vae, config.vae_path, data_dir, manifest, config.resolution,
+                                            config.batch_size, output_dir, split="val")
     vae.to(accelerator.device)
     dataset = LatentDataset(cache)
     if len(dataset) < config.batch_size:
@@ -192,19 +263,24 @@ def main(args):
             + (f"\n  resumed from {resume_from}" if resume_from else "")
         )
 
+    selection = heldout_cache and HeldoutSelection(accelerator, training, config, heldout_cache, output_dir,
+                                                   metrics.read())
     started = time.perf_counter()
-    train_loop(
+    last_step = train_loop(
         accelerator, loader, training.step, modules=training.modules, lr_scheduler=training.lr_scheduler,
         metrics=metrics, output_dir=output_dir, start_step=step, max_steps=max_steps, steps_per_epoch=steps_per_epoch,
         gradient_accumulation_steps=config.gradient_accumulation_steps, checkpointing_steps=config.checkpointing_steps,
         checkpoints_total_limit=config.checkpoints_total_limit, validation_steps=config.validation_steps,
         validate=lambda at: validate(accelerator, training, vae, config, manifest, at, output_dir),
-        curve_keys=["loss", "lr"], desc="diffusion",
+        curve_keys=["loss", "heldout_loss", "lr"], desc="diffusion", heldout_steps=config.heldout_steps,
+        heldout=selection,
     )
     if accelerator.is_main_process:
         training.swap_in_ema()
-        final = save_generator(training.denoiser, training.noise_scheduler, config, manifest, output_dir / "final_model")
-        print(f"saved {final}; training took {time.perf_counter() - started:.0f} s")
+        weights = selection.load_best(last_step) if selection else None
+        final = save_generator(training.denoiser, training.noise_scheduler, config, manifest, output_dir / "final_model",
+                               weights=weights)
+        print(f"saved {final}{f' ({weights})' if weights else ''}; training took {time.perf_counter() - started:.0f} s")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if args.push_to_hub and accelerator.is_main_process:

@@ -26,7 +26,7 @@ from utils.presets import Config, resolve_preset
 from utils.sampling import class_labels
 from utils.training import adamw, check_optimisation, cosine_schedule, launcher_precision, optimise, resolve_hardware
 
-CACHE_FILE = "latent_cache/train.safetensors"
+HELDOUT_TIMESTEPS = 4  # per held-out latent, one from each quarter of the schedule
 UNET_ARCHITECTURE = ("block_out_channels", "layers_per_block", "attention_levels", "attention_head_dim",
                      "norm_num_groups", "cross_attention_dim")
 
@@ -139,16 +139,16 @@ def build_denoiser(config, num_users):
     return ConditionalDenoiser(unet, encoder)
 
 
-def cache_key(vae_path, data_dir, manifest, resolution):
-    """sha256 of the VAE weights and config, the train split's file names and bytes and
-    the resolution: the cache is rebuilt when any of them changes."""
+def cache_key(vae_path, data_dir, manifest, resolution, split="train"):
+    """sha256 of the VAE weights and config, the split's file names and bytes and the
+    resolution: the cache is rebuilt when any of them changes."""
     digest = hashlib.sha256()
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
         path = Path(vae_path) / name
         if path.exists():
             digest.update(path.read_bytes())
     digest.update(str(resolution).encode())
-    for relative_path, label in manifest.samples("train"):
+    for relative_path, label in manifest.samples(split):
         digest.update(f"{relative_path}\0{label}\0".encode())
         path = Path(data_dir) / relative_path
         digest.update(path.read_bytes() if path.exists() else b"missing")
@@ -169,14 +169,16 @@ def encode_split(vae, dataset, batch_size, device, show_progress):
     return {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "user_index": torch.cat(labels).long()}
 
 
-def load_or_build_cache(accelerator, vae, vae_path, data_dir, manifest, resolution, batch_size, output_dir):
-    """The run folder's latent cache of the train split when its key matches, else a
-    freshly encoded one. Written by the main process only, atomically; the others wait and read it."""
+def load_or_build_cache(accelerator, vae, vae_path, data_dir, manifest, resolution, batch_size, output_dir,
+                        split="train"):
+    """The run folder's latent cache of `split` (latent_cache/<split>.safetensors) when its key
+    matches, else a freshly encoded one. Written by the main process only, atomically; the
+    others wait and read it."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    path = Path(output_dir) / CACHE_FILE
-    key = cache_key(vae_path, data_dir, manifest, resolution)
+    path = Path(output_dir) / "latent_cache" / f"{split}.safetensors"
+    key = cache_key(vae_path, data_dir, manifest, resolution, split)
     if accelerator.is_main_process:
         stored_key = None
         if path.exists():
@@ -185,13 +187,42 @@ def load_or_build_cache(accelerator, vae, vae_path, data_dir, manifest, resoluti
         if stored_key != key:
             if stored_key is not None:
                 print("the VAE or the data changed since the latent cache was written: encoding again")
-            dataset = SpectrogramDataset(data_dir, manifest, "train", resolution)
+            dataset = SpectrogramDataset(data_dir, manifest, split, resolution)
             cache = encode_split(vae.to(accelerator.device), dataset, batch_size, accelerator.device, show_progress=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 save_file(cache, str(tmp), metadata={"key": key, "scaling_factor": str(vae.config.scaling_factor)})
     accelerator.wait_for_everyone()
     return load_file(str(path))
+
+
+@torch.no_grad()
+def heldout_loss(denoiser, noise_scheduler, cache, config, device, batch_size=64):
+    """The training loss of `denoiser` on a held-out latent cache (the val split), the same
+    draw at every call: posterior means, noise and HELDOUT_TIMESTEPS timesteps per latent
+    (one per quarter of the schedule) from a fixed seed, the true user as condition. Falling
+    with the training loss, the model learns the users; rising while it falls, it learns
+    the train images (memorisation)."""
+    generator = torch.Generator().manual_seed(0)
+    repeats, steps = HELDOUT_TIMESTEPS, config.num_train_timesteps
+    latents = cache["mean"].repeat_interleave(repeats, dim=0)
+    users = cache["user_index"].repeat_interleave(repeats)
+    quarter = torch.arange(repeats).repeat(len(cache["mean"]))
+    timesteps = ((quarter + torch.rand(len(latents), generator=generator)) * steps / repeats).long().clamp(max=steps - 1)
+    noise = torch.randn(latents.shape, generator=generator)
+    total = 0.0
+    for start in range(0, len(latents), batch_size):
+        part = slice(start, start + batch_size)
+        x, eps, t = latents[part].to(device), noise[part].to(device), timesteps[part].to(device)
+        target = eps if config.prediction_type == "epsilon" else noise_scheduler.get_velocity(x, eps, t)
+        prediction = denoiser(noise_scheduler.add_noise(x, eps, t), t, users[part].to(device))
+        snr = None
+        if config.snr_gamma:
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(noise_scheduler, t)
+        total += diffusion_loss(prediction, target, snr, config.snr_gamma, config.prediction_type).item() * len(x)
+    return total / len(latents)
 
 
 class LatentDataset(torch.utils.data.Dataset):

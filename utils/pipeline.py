@@ -207,13 +207,14 @@ def load_generator(model_path, scheduler=DEFAULT_SAMPLER, torch_dtype=None, flag
     return pipe.use_scheduler(scheduler)
 
 
-def save_generator(denoiser, noise_scheduler, config, manifest, folder):
+def save_generator(denoiser, noise_scheduler, config, manifest, folder, weights=None):
     """A stage-2 final_model: a diffusers pipeline folder, loadable without the data folder.
 
     model_index.json with the settings, vae/ (the stage-1 final_model), unet/
     condition_encoder/ scheduler/ (config + safetensors), condition_encoder.pt (a plain state_dict, for the original three-path
     command), the dataset manifest and a model card. `config` is the resolved stage-2
-    configuration; `denoiser` holds the weights to ship (EMA's, when used)."""
+    configuration; `denoiser` holds the weights to ship (EMA's, when used), `weights` says
+    which step they are from when not the last (the model card names it)."""
     pipe = UserDiffusionPipeline(
         load_vae(config.vae_path), denoiser.unet, denoiser.condition_encoder, noise_scheduler,
         label_map=manifest.label_map, null_index=manifest.null_index, resolution=config.resolution,
@@ -225,11 +226,11 @@ def save_generator(denoiser, noise_scheduler, config, manifest, folder):
         shutil.copytree(config.vae_path, partial / "vae")
         torch.save(denoiser.condition_encoder.state_dict(), partial / "condition_encoder.pt")
         manifest.save(partial / MANIFEST_NAME)
-        (partial / MODEL_CARD).write_text(model_card(pipe, manifest, config))
+        (partial / MODEL_CARD).write_text(model_card(pipe, manifest, config, weights))
     return Path(folder)
 
 
-def model_card(pipe, manifest, config):
+def model_card(pipe, manifest, config, weights=None):
     """The folder's README.md: what the model is, what it was trained on, how to load it."""
     counts = {split: len(manifest.samples(split)) for split in SPLITS}
     users = manifest.users
@@ -254,7 +255,7 @@ with classifier-free guidance (null index {pipe.config.null_index}).
 ## Training
 - preset `{config.preset}`, {config.max_train_steps} steps, batch {config.batch_size}, learning rate {config.learning_rate},
   {noise_prediction(pipe)}, condition dropout {config.condition_dropout}, EMA {'on' if pipe.config.ema else 'off'}
-- sampling default: `{pipe.config.sampler}`, guidance {pipe.config.guidance_scale}
+{f"- this folder holds {weights}" + chr(10) if weights else ""}- sampling default: `{pipe.config.sampler}`, guidance {pipe.config.guidance_scale}
 
 ## Use
 In a checkout of the microdoppler-aug project:

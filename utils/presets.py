@@ -27,8 +27,8 @@ PRESETS = {
         "diffusion": dict(
             block_out_channels=(16, 32), layers_per_block=1, attention_levels=1, attention_head_dim=4,
             norm_num_groups=8, cross_attention_dim=16, num_condition_tokens=2, batch_size=4, learning_rate=1e-3,
-            max_train_steps=4, warmup_steps=1, checkpointing_steps=2, validation_steps=2, validation_users=2,
-            validation_seeds=2, num_inference_steps=4,
+            max_train_steps=4, warmup_steps=1, checkpointing_steps=2, validation_steps=2, heldout_steps=2,
+            validation_users=2, validation_seeds=2, num_inference_steps=4,
         ),
         # At 16x16 on the tiny 32x32 images, so the tests go through the classifiers' resize.
         "classifier": dict(
@@ -53,7 +53,8 @@ PRESETS = {
         "diffusion": dict(
             block_out_channels=(64, 128, 128), layers_per_block=1, attention_levels=1, attention_head_dim=8,
             norm_num_groups=32, cross_attention_dim=128, num_condition_tokens=4, batch_size=16, learning_rate=1e-3,
-            max_train_steps=3200, warmup_steps=100, checkpointing_steps=800, validation_steps=1600, validation_users=8,
+            max_train_steps=3200, warmup_steps=100, checkpointing_steps=800, validation_steps=1600, heldout_steps=200,
+            heldout_patience=3, validation_users=8,
             validation_seeds=4, num_inference_steps=25, mixed_precision="auto",
         ),
         # A plain CNN at 32x32, batches of 256: the most identity per CPU second measured (docs/experiments.md).
@@ -78,7 +79,8 @@ PRESETS = {
         "diffusion": dict(
             block_out_channels=(128, 256, 512, 512), layers_per_block=2, attention_levels=3, attention_head_dim=8,
             norm_num_groups=32, cross_attention_dim=512, num_condition_tokens=4, batch_size=16, learning_rate=1e-4,
-            num_epochs=100, warmup_steps=500, checkpointing_steps=1000, validation_steps=1000, validation_users=8,
+            num_epochs=100, warmup_steps=500, checkpointing_steps=1000, validation_steps=1000, heldout_steps=500,
+            heldout_patience=4, validation_users=8,
             validation_seeds=4, num_inference_steps=25, mixed_precision="auto",
         ),
         # The quick recipe at 64x64 with two convolutions per stage and 4x the steps, for a GPU
@@ -110,6 +112,7 @@ BASE = {
         # The user through the timestep embedding too: +8.9 points of identity at equal steps (docs/experiments.md).
         class_embedding=True,
         balance_users=False,  # every image once per epoch; True draws every user equally often
+        heldout_patience=0,
     ),
 }
 

@@ -390,7 +390,7 @@ def start_run(accelerator, output_dir, resume_from, seed):
 
 def train_loop(accelerator, loader, train_step, *, modules, lr_scheduler, metrics, output_dir, start_step, max_steps,
                steps_per_epoch, gradient_accumulation_steps, checkpointing_steps, checkpoints_total_limit,
-               validation_steps, validate, curve_keys, desc):
+               validation_steps, validate, curve_keys, desc, heldout_steps=0, heldout=None):
     """The optimiser-step loop every trainer runs, from `start_step` to `max_steps`.
 
     `train_step(batch, step)` runs forward, loss and `optimise` for one batch inside
@@ -398,12 +398,15 @@ def train_loop(accelerator, loader, train_step, *, modules, lr_scheduler, metric
     "loss"). The loop owns the rest: the epoch order on resume, the gradient-sync gate,
     the metrics log and progress bar, checkpoints every `checkpointing_steps` and at the
     end, `validate(step)` on the main process every `validation_steps` (its returned line
-    is printed) with the curves redrawn, the stop on a non-finite loss, and the save on
-    Ctrl-C. Returns the last step."""
+    is printed) with the curves redrawn, `heldout(step)` on the main process every
+    `heldout_steps` (returns a dict of held-out metrics, logged, and whether to stop: then
+    every process stops there, checkpointed), the stop on a non-finite loss, and the save
+    on Ctrl-C. Returns the last step."""
     step = last_saved = start_step
+    stopped = False
     progress = tqdm(total=max_steps, initial=step, desc=desc, disable=not accelerator.is_main_process)
     try:
-        while step < max_steps:
+        while step < max_steps and not stopped:
             epoch, done_in_epoch = divmod(step, steps_per_epoch)
             for batch in epoch_batches(accelerator, loader, epoch, done_in_epoch * gradient_accumulation_steps):
                 with accelerator.accumulate(*modules):
@@ -419,11 +422,23 @@ def train_loop(accelerator, loader, train_step, *, modules, lr_scheduler, metric
                 if step % checkpointing_steps == 0 or step == max_steps:
                     save_checkpoint(accelerator, output_dir, step, checkpoints_total_limit)
                     last_saved = step
+                if heldout and (step % heldout_steps == 0 or step == max_steps):
+                    if accelerator.is_main_process:
+                        measured, stopped = heldout(step)
+                        metrics.log(step, **measured)
+                        progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}",
+                                             **{name: f"{value:.4f}" for name, value in measured.items()})
+                    # The main process decides; every process must leave the loop at the same step.
+                    flag = torch.tensor([float(stopped)], device=accelerator.device)
+                    stopped = bool(accelerator.reduce(flag, reduction="sum").item())
+                    if stopped and step > last_saved:
+                        save_checkpoint(accelerator, output_dir, step, checkpoints_total_limit)
+                        last_saved = step
                 if accelerator.is_main_process and (step % validation_steps == 0 or step == max_steps):
                     progress.write(validate(step))
                     plot_curves(metrics.read(), Path(output_dir) / "logs" / "curves.png", curve_keys)
                 accelerator.wait_for_everyone()
-                if step >= max_steps:
+                if step >= max_steps or stopped:
                     break
     except NonFiniteLoss as error:
         saved = checkpoints(output_dir)
