@@ -186,6 +186,14 @@ def test_resume_continues_and_reuses_the_latent_cache(stage1, tmp_path):
     assert (run / "final_model/model_index.json").exists()
 
 
+def test_resuming_with_another_architecture_exits_2_and_names_it(stage1, tmp_path):
+    run = tmp_path / "run"
+    assert train(stage1, run, "--max_train_steps", 2).returncode == 0
+    other = train(stage1, run, "--max_train_steps", 4, "--attention_levels", 0, "--resume_from_checkpoint", "latest")
+    assert other.returncode == 2, other.stderr
+    assert "attention_levels 1 (now 0)" in other.stderr and "Traceback" not in other.stderr
+
+
 def test_latent_cache_is_rebuilt_when_the_data_change(stage1, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(stage1 / "data", data)

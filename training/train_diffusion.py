@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from utils.cli import HelpFormatter, UsageError, run
 from utils.data_loader import MANIFEST_NAME, SpectrogramDataset, add_split_arguments, check_data_dir
-from utils.diffusion import LatentDataset, build_diffusion_training, heldout_loss, load_or_build_cache, \
-    resolve_diffusion_config
+from utils.diffusion import UNET_ARCHITECTURE, LatentDataset, build_diffusion_training, heldout_loss, \
+    load_or_build_cache, resolve_diffusion_config
 from utils.files import atomic_path
 from utils.image_grid import labelled_grid, to_pil
 from utils.pipeline import save_generator
@@ -38,6 +38,10 @@ from utils.sampling import decode_latents, make_sampler, sample_latents
 from utils.training import add_training_arguments, make_accelerator, resume_point, start_run, total_steps, train_loader, train_loop, \
     user_weights, write_run_config
 from utils.vae import trained_vae
+
+
+# What the checkpoint's tensors depend on: a resumed run must have the same.
+RESUMABLE_ARCHITECTURE = (*UNET_ARCHITECTURE, "latent_shape", "class_embedding", "num_condition_tokens", "use_ema")
 
 
 def validation_users(manifest, count):
@@ -222,7 +226,7 @@ def main(args):
     if config.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    resume_from = resume_point(output_dir, config.resume_from_checkpoint)
+    resume_from = resume_point(output_dir, config.resume_from_checkpoint, config, RESUMABLE_ARCHITECTURE)
 
     accelerator = make_accelerator(config.device, config.mixed_precision, config.gradient_accumulation_steps,
                                    config.report_to, output_dir)

@@ -34,7 +34,7 @@ from utils.metrics import psnr, ssim
 from utils.presets import PRESET_NAMES
 from utils.training import add_training_arguments, make_accelerator, resume_point, start_run, total_steps, train_loader, train_loop, \
     write_run_config
-from utils.vae import build_vae_training, measure_latent_stats, reconstruct, resolve_vae_config, save_vae
+from utils.vae import ARCHITECTURE, build_vae_training, measure_latent_stats, reconstruct, resolve_vae_config, save_vae
 
 CURVES = ["loss", "pixel", "lpips", "freq", "g_adv", "d_loss", "val_psnr", "val_ssim"]
 
@@ -115,7 +115,7 @@ def main(args):
     if config.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    resume_from = resume_point(output_dir, config.resume_from_checkpoint)
+    resume_from = resume_point(output_dir, config.resume_from_checkpoint, config, ARCHITECTURE)
     manifest = run_manifest(args, data_dir, output_dir)
 
     accelerator = make_accelerator(config.device, config.mixed_precision, config.gradient_accumulation_steps,

@@ -327,15 +327,26 @@ def total_steps(max_train_steps, num_epochs, batches_per_epoch, gradient_accumul
     return num_epochs * steps_per_epoch, steps_per_epoch
 
 
-def resume_point(output_dir, resume):
+def resume_point(output_dir, resume, config=None, architecture=()):
     """The checkpoint to resume from (or None), refusing to start over a finished or
-    checkpointed run unless --resume_from_checkpoint says so."""
+    checkpointed run unless --resume_from_checkpoint says so, and to resume a run whose
+    config.json has other `architecture` settings than `config` (its weights would not load)."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir {output_dir} is a file")
     resume_from = find_checkpoint(output_dir, resume)
     if resume_from is None and (checkpoints(output_dir) or (output_dir / "final_model").exists()):
         raise UsageError(f"{output_dir} already holds a run: add --resume_from_checkpoint latest, or choose another --output_dir")
+    stored_path = Path(resume_from).parents[1] / "config.json" if resume_from is not None else None
+    if stored_path is not None and stored_path.is_file() and config is not None:
+        stored = json.loads(stored_path.read_text())
+        current = config.to_dict()
+        differ = [name for name in architecture if name in stored and stored[name] != current.get(name)]
+        if differ:
+            was = ", ".join(f"{name} {stored[name]} (now {current.get(name)})" for name in differ)
+            raise UsageError(f"{resume_from} was trained with other model settings: {was}; resume with the run's "
+                             f"settings (the --flags, or the project version of that run), or choose another "
+                             f"--output_dir")
     return resume_from
 
 
