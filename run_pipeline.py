@@ -149,8 +149,17 @@ def write_report(out, record):
         "![VAE check](vae_check/vae_check.png)", "",
         "## Stage 2: diffusion", "",
     ]
+    log = out / "diffusion/logs/metrics.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    heldout = [r for r in records if "heldout_loss" in r]
+    if heldout:  # the trainer ships the weights of the lowest held-out loss
+        best = min(heldout, key=lambda r: r["heldout_loss"])
+        trained = max(r["step"] for r in records if "loss" in r)
+        lines += [f"Held-out loss (val split) lowest at step {best['step']} ({best['heldout_loss']:.4f}) of "
+                  f"{trained} steps trained: `diffusion/final_model` holds that step's weights. Training and "
+                  "held-out loss:", "", "![curves](diffusion/logs/curves.png)", ""]
     if samples:
-        lines += ["Validation samples at the last step (first column real, then one seed per column):", "",
+        lines += [f"The last validation grid, {samples[-1].stem} (first column real, then one seed per column):", "",
                   f"![samples]({samples[-1].relative_to(out).as_posix()})", ""]
     resolved = generated["resolved"]
     lines += [

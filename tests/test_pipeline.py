@@ -26,6 +26,7 @@ def test_tiny_pipeline_runs_every_stage_then_skips_what_is_complete(tmp_path):
     for picture in ("vae_check/vae_check.png", "generated/grid.png", "evaluation/augmentation_gain.png"):
         assert f"]({picture})" in report and (out / picture).is_file()
     assert "of the identity survives the VAE" in report
+    assert "Held-out loss (val split) lowest at step " in report and "of 4 steps trained" in report
     assert "[stage 7/7 evaluate] done in" in first.stdout
     # The stage-0 manifest is the split of every model the pipeline trained.
     manifest = DatasetManifest.load(out / "dataset_manifest.json")
