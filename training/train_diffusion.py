@@ -267,8 +267,9 @@ def main(args):
             + (f"\n  resumed from {resume_from}" if resume_from else "")
         )
 
-    selection = heldout_cache and HeldoutSelection(accelerator, training, config, heldout_cache, output_dir,
-                                                   metrics.read())
+    selection = None
+    if heldout_cache is not None:
+        selection = HeldoutSelection(accelerator, training, config, heldout_cache, output_dir, metrics.read())
     started = time.perf_counter()
     last_step = train_loop(
         accelerator, loader, training.step, modules=training.modules, lr_scheduler=training.lr_scheduler,

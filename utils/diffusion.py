@@ -213,16 +213,25 @@ def heldout_loss(denoiser, noise_scheduler, cache, config, device, batch_size=64
     total = 0.0
     for start in range(0, len(latents), batch_size):
         part = slice(start, start + batch_size)
-        x, eps, t = latents[part].to(device), noise[part].to(device), timesteps[part].to(device)
-        target = eps if config.prediction_type == "epsilon" else noise_scheduler.get_velocity(x, eps, t)
-        prediction = denoiser(noise_scheduler.add_noise(x, eps, t), t, users[part].to(device))
-        snr = None
-        if config.snr_gamma:
-            from diffusers.training_utils import compute_snr
-
-            snr = compute_snr(noise_scheduler, t)
-        total += diffusion_loss(prediction, target, snr, config.snr_gamma, config.prediction_type).item() * len(x)
+        batch = (tensor[part].to(device) for tensor in (latents, noise, timesteps, users))
+        total += denoising_loss(denoiser, noise_scheduler, config, *batch).item() * len(latents[part])
     return total / len(latents)
+
+
+def denoising_loss(model, noise_scheduler, config, latents, noise, timesteps, conditions):
+    """The stage-2 objective on one batch: MSE of the prediction (epsilon or v) on the noised
+    latents, Min-SNR weighted when `config.snr_gamma` > 0."""
+    if config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    prediction = model(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, conditions)
+    snr = None
+    if config.snr_gamma:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(noise_scheduler, timesteps)
+    return diffusion_loss(prediction, target, snr, config.snr_gamma, config.prediction_type)
 
 
 class LatentDataset(torch.utils.data.Dataset):
@@ -274,7 +283,6 @@ def build_diffusion_training(config, accelerator, num_users, null_index, max_ste
         accelerator.register_for_checkpointing(ema)
     model, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
     unwrapped = accelerator.unwrap_model(model)
-    snr_gamma = config.snr_gamma
 
     def step(batch, step_number):
         # A fresh posterior sample each time: the cache keeps the VAE's uncertainty.
@@ -283,19 +291,8 @@ def build_diffusion_training(config, accelerator, num_users, null_index, max_ste
             latents = roll_time(latents)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, config.num_train_timesteps, (len(latents),), device=latents.device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        if config.prediction_type == "epsilon":
-            target = noise
-        else:
-            target = noise_scheduler.get_velocity(latents, noise, timesteps)
         conditions = drop_conditions(batch["user_index"], null_index, config.condition_dropout)
-        prediction = model(noisy, timesteps, conditions)
-        snr = None
-        if snr_gamma:
-            from diffusers.training_utils import compute_snr
-
-            snr = compute_snr(noise_scheduler, timesteps)
-        loss = diffusion_loss(prediction, target, snr, snr_gamma, config.prediction_type)
+        loss = denoising_loss(model, noise_scheduler, config, latents, noise, timesteps, conditions)
         optimise(accelerator, loss, model.parameters(), optimizer, lr_scheduler, config.max_grad_norm)
         if ema is not None and accelerator.sync_gradients:
             ema.step(unwrapped.parameters())
