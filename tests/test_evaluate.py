@@ -213,3 +213,35 @@ def test_classifier_recipe_benchmark_reports_accuracy_and_time(tiny_generator, t
     assert "val" in result.stdout and "real test" in result.stdout
     bad = run_cli("benchmarks/classifier_recipe.py", "--data_dir", tiny_generator / "data", "--classic", "masks=2", *CPU)
     assert bad.returncode == 2 and "KEY one of" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_oracle_benchmark_scores_new_real_images_against_real_only(tiny_generator, tmp_path):
+    result = run_cli("benchmarks/oracle_gain.py", "--data_dir", tiny_generator / "data", "--preset", "tiny",
+                     "--images_per_user", 2, "--seeds", 2, *CPU, "--out", tmp_path / "oracle.json")
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads((tmp_path / "oracle.json").read_text())
+    gain = numbers["gain"]["2 new real images per user"]
+    assert gain["counts"] == 6 and gain["n"] == 2 and gain["verdict"] in ("helps", "hurts", "no measurable effect")
+    assert len(numbers["accuracy"]["real"]) == 2 and "real + 2 new real images per user" in result.stdout
+
+
+def test_oracle_images_are_the_simulators_next_images_of_each_user(tiny_generator, tmp_path):
+    import numpy as np
+
+    from benchmarks.oracle_gain import simulation_settings, write_new_images
+    from utils.gait_simulator import simulate_image
+
+    settings = simulation_settings(tiny_generator / "data")  # the card reproduces the dataset's own images
+    first, _ = simulate_image(settings, 2, 0)
+    assert np.array_equal(np.asarray(first), np.asarray(Image.open(tiny_generator / "data/ID_2/ID_2_0000.png")))
+    write_new_images(settings, ["ID_1", "ID_2", "ID_3"], 2, tmp_path / "new")
+    assert sorted(p.name for p in (tmp_path / "new/ID_2").iterdir()) == ["ID_2_0010.png", "ID_2_0011.png"]
+    new = np.asarray(Image.open(tmp_path / "new/ID_2/ID_2_0010.png"))
+    assert np.array_equal(new, np.asarray(simulate_image(settings, 2, 10)[0]))
+    assert not any(np.array_equal(new, np.asarray(Image.open(f))) for f in (tiny_generator / "data/ID_2").iterdir()
+                   if f.suffix == ".png")
+
+
+def test_oracle_benchmark_needs_a_simulated_dataset(mixed_dataset):
+    result = run_cli("benchmarks/oracle_gain.py", "--data_dir", mixed_dataset, "--preset", "tiny", *CPU)
+    assert result.returncode == 2 and "simulated dataset only" in result.stderr and "Traceback" not in result.stderr
