@@ -15,11 +15,9 @@ image can be expected to, at these classifier settings.
 """
 
 import argparse
-import json
 import sys
 import tempfile
 import time
-from dataclasses import fields
 from pathlib import Path
 
 if not __package__:  # run as `python benchmarks/oracle_gain.py`: make the repository's packages importable
@@ -34,7 +32,7 @@ from utils.cli import UsageError, resolve_device, run
 from utils.data_loader import add_split_arguments, check_data_dir, stage_manifest, user_number
 from utils.distribution import paired_interval
 from utils.evaluation import interval_text, verdict
-from utils.gait_simulator import CARD_NAME, RadarConfig, SimulationSettings, image_name, simulate_image, user_folder
+from utils.gait_simulator import CARD_NAME, image_name, read_settings, simulate_image, user_folder
 from utils.presets import PRESET_NAMES, PRESETS
 
 
@@ -52,17 +50,6 @@ def parse_args(argv=None):
     add_split_arguments(p)
     add_output_arguments(p)
     return p.parse_args(argv)
-
-
-def simulation_settings(data_dir):
-    """The SimulationSettings a simulated dataset was written with, from its card."""
-    path = Path(data_dir) / CARD_NAME
-    if not path.is_file():
-        raise UsageError(f"{data_dir} has no {CARD_NAME}: new real images can be drawn for a simulated dataset only")
-    card = json.loads(path.read_text())
-    radar = {f.name: card["radar"][f.name] for f in fields(RadarConfig) if f.name in card["radar"]}
-    values = {f.name: card[f.name] for f in fields(SimulationSettings) if f.name in card and f.name != "radar"}
-    return SimulationSettings(**values, radar=RadarConfig(**radar))
 
 
 def write_new_images(settings, users, per_user, folder):
@@ -83,7 +70,9 @@ def main(args):
         raise UsageError("--seeds must be at least 2 (an interval needs them); --images_per_user, --max_train_steps "
                          "and --patience at least 1")
     data_dir = check_data_dir(args.data_dir)
-    simulation = simulation_settings(data_dir)
+    if not (data_dir / CARD_NAME).is_file():
+        raise UsageError(f"{data_dir} has no {CARD_NAME}: new real images can be drawn for a simulated dataset only")
+    simulation = read_settings(data_dir)
     manifest = stage_manifest(args, data_dir)
     if simulation.windows_per_recording != 1:
         raise UsageError("a dataset of recordings: new windows of a user would not be independent of the train split")

@@ -228,10 +228,10 @@ def test_oracle_benchmark_scores_new_real_images_against_real_only(tiny_generato
 def test_oracle_images_are_the_simulators_next_images_of_each_user(tiny_generator, tmp_path):
     import numpy as np
 
-    from benchmarks.oracle_gain import simulation_settings, write_new_images
-    from utils.gait_simulator import simulate_image
+    from benchmarks.oracle_gain import write_new_images
+    from utils.gait_simulator import read_settings, simulate_image
 
-    settings = simulation_settings(tiny_generator / "data")  # the card reproduces the dataset's own images
+    settings = read_settings(tiny_generator / "data")  # the card reproduces the dataset's own images
     first, _ = simulate_image(settings, 2, 0)
     assert np.array_equal(np.asarray(first), np.asarray(Image.open(tiny_generator / "data/ID_2/ID_2_0000.png")))
     write_new_images(settings, ["ID_1", "ID_2", "ID_3"], 2, tmp_path / "new")

@@ -45,7 +45,7 @@ import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -604,6 +604,17 @@ def write_card(folder, settings, walks):
         "users": users,
     }
     (folder / CARD_NAME).write_text(json.dumps(card, indent=1))
+
+
+def read_settings(folder):
+    """The SimulationSettings a dataset folder was written with, from its card (write_card's inverse)."""
+    path = Path(folder) / CARD_NAME
+    if not path.is_file():
+        raise UsageError(f"{folder} has no {CARD_NAME}: not a dataset written by the simulator")
+    card = json.loads(path.read_text())
+    radar = {f.name: card["radar"][f.name] for f in fields(RadarConfig) if f.name in card["radar"]}
+    values = {f.name: card[f.name] for f in fields(SimulationSettings) if f.name in card and f.name != "radar"}
+    return SimulationSettings(**values, radar=RadarConfig(**radar))
 
 
 def check_output_dir(output_dir, overwrite):
