@@ -122,11 +122,19 @@ def test_stage_profile_splits_each_step_into_phases(tmp_path):
     result = run_cli("benchmarks/stage_profile.py", "--preset", "tiny", "--device", "cpu", "--steps", 1, "--out", out)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [row["stage"].split(" (")[0] for row in rows] == ["VAE", "diffusion", "evaluation classifiers"]
+    assert [row["stage"].split(" (")[0] for row in rows] == ["VAE", "diffusion", "generation", "evaluation classifiers"]
     for row in rows[:2]:  # a training step does all three, and the hooks see each of them
         assert all(row["phases"][name] > 0 for name in ("forward", "backward", "optimiser"))
     assert rows[0]["phases"]["data"] > 0 and rows[0]["steps"] == 4 and rows[1]["steps"] == 4
+    # tiny generation: 4 images of each of 31 users in batches of 64, 4 sampler steps each, forward passes only
+    assert rows[2]["stage"] == "generation (124 images)" and rows[2]["steps"] == 2 * 4
+    assert rows[2]["phases"]["forward"] > 0 and rows[2]["phases"]["backward"] == 0
     # tiny evaluation: 4 rows x 2 seeds at 'all' (20 steps) and at 2 per user (its floor, 5), one VAE classifier
     # (20) and one on generated images (5): 18 trainings
-    assert rows[2]["stage"] == "evaluation classifiers (18 trainings)" and rows[2]["steps"] == 8 * 20 + 8 * 5 + 20 + 5
-    assert "| VAE |" in result.stdout and "implied" in result.stdout
+    assert rows[3]["stage"] == "evaluation classifiers (18 trainings)" and rows[3]["steps"] == 8 * 20 + 8 * 5 + 20 + 5
+    for row in rows:  # the work of a step, and the time it would take at the machine's matrix-product peak
+        assert row["gflop_per_step"] > 0 and row["peak_gflops"] > 0
+        assert row["floor_minutes"] == pytest.approx(row["gflop_per_step"] * row["steps"]
+                                                     / (row["peak_gflops"] * row["parallel"]) / 60)
+        assert row["floor_minutes"] < row["implied_minutes"]
+    assert "| VAE |" in result.stdout and "implied" in result.stdout and "| **all** |" in result.stdout
