@@ -149,7 +149,6 @@ def test_dry_run_prints_the_resolved_configuration(tiny_data, tmp_path):
         (["--perceptual_weight", "1.0"], "install_lpips.py"),
         (["--perceptual_weight", "lots"], "--perceptual_weight"),
         (["--mixed_precision", "fp16"], "GPU"),
-        (["--time_window", "15"], "--time_window 15 must be 0 (whole images) or a multiple of 2"),
     ],
 )
 def test_bad_input_exits_2(tiny_data, tmp_path, extra, message, monkeypatch):
@@ -191,29 +190,3 @@ def test_unset_precision_follows_accelerate_launch(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     assert resolve_vae_config({"preset": "tiny", "device": "cpu"}).mixed_precision == "bf16"
     assert resolve_vae_config({"preset": "tiny", "device": "cpu", "mixed_precision": "no"}).mixed_precision == "no"
-
-
-def test_a_time_window_is_a_circular_run_of_whole_columns():
-    from utils.augment import time_window
-
-    images = torch.arange(2 * 3 * 4 * 8, dtype=torch.float).reshape(2, 3, 4, 8)
-    windows = time_window(images, 5, torch.Generator().manual_seed(0))
-    assert windows.shape == (2, 3, 4, 5)
-    for image, window in zip(images, windows):
-        start = int(torch.nonzero(image[0, 0] == window[0, 0, 0])[0])
-        assert torch.equal(window, image[..., [(start + k) % 8 for k in range(5)]])
-
-
-def test_the_training_step_sees_time_windows_and_validation_whole_images():
-    from accelerate import Accelerator
-
-    from utils.vae import build_vae_training, resolve_vae_config
-
-    config = resolve_vae_config({"preset": "tiny", "device": "cpu", "perceptual_weight": 0, "time_window": 16})
-    training = build_vae_training(config, Accelerator(cpu=True), max_steps=2)
-    widths = []
-    training.vae.encoder.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[-1]))
-    training.step({"pixel_values": torch.rand(4, 3, 32, 32) * 2 - 1}, 0)
-    with torch.no_grad():
-        training.vae.encode(torch.zeros(1, 3, 32, 32))
-    assert widths == [16, 32]

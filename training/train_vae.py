@@ -103,9 +103,6 @@ def parse_args(argv=None):
     loss.add_argument("--disc_layers", type=int, help="discriminator depth (receptive field 34 px at 2, 70 px at 3)")
     opt, run_group = add_training_arguments(p, "images")
     opt.add_argument("--num_workers", type=int, help="data loading processes (default 0)")
-    opt.add_argument("--time_window", type=int,
-                     help="train on a random circular window of this many time columns of each image, every Doppler "
-                          "row kept (the convolutions and attention apply to any width); 0 = whole images")
     run_group.add_argument("--num_validation_images", type=int, help="images in each validation grid")
     run_group.add_argument("--latent_stats_images", type=int, help="train images used to measure the latent scale")
     return p.parse_args(argv)
@@ -146,10 +143,7 @@ def main(args):
             f"  steps {step} -> {max_steps}, effective batch {written['effective_batch_size']} "
             f"({config.batch_size} x {config.gradient_accumulation_steps} accumulation x {accelerator.num_processes} "
             f"processes), lr {config.learning_rate} warmup {config.warmup_steps} cosine, {accelerator.device}, "
-            f"precision {config.mixed_precision}"
-            + (f", trained on {config.time_window}-column time windows" if 0 < config.time_window < config.resolution
-               else "")
-            + "\n"
+            f"precision {config.mixed_precision}\n"
             f"  loss {config.pixel_loss} + {config.kl_weight} KL + {config.freq_weight} freq + {config.perceptual_weight} "
             f"LPIPS; {config.perceptual_note}"
             + (f"; patch discriminator from step {config.disc_start}, adaptive weight x {config.disc_weight}"

@@ -15,12 +15,6 @@ def roll_time(images, generator=None):
     return torch.gather(images, 3, columns[:, None, None, :].expand_as(images).to(images.device))
 
 
-def time_window(images, width, generator=None):
-    """A random circular window of `width` time columns of each image (B, C, H, W): the
-    time shift of roll_time, then the first `width` columns. Every Doppler row stays."""
-    return roll_time(images, generator)[..., :width]
-
-
 def background_colour(images):
     """Each image's per-channel median (B, C, 1, 1): the colour of its background, where
     a spectrogram holds no echo."""

@@ -53,7 +53,7 @@ NUMBER_RULES = {
         "validation_users", "widths", "windows_per_recording", "workers"), AT_LEAST_1),
     **dict.fromkeys((
         "attention_levels", "checkpoints_total_limit", "disc_start", "disc_weight", "freq_weight", "guidance_scale",
-        "heldout_patience", "heldout_steps", "identity_strength", "kl_weight", "max_grad_norm", "min_psnr", "num_samples", "num_workers", "seed", "snr_gamma", "split_seed", "time_window", "warmup",
+        "heldout_patience", "heldout_steps", "identity_strength", "kl_weight", "max_grad_norm", "min_psnr", "num_samples", "num_workers", "seed", "snr_gamma", "split_seed", "warmup",
         "warmup_steps", "weight_decay"), ">= 0"),
     **dict.fromkeys(("carrier_ghz", "duration_s", "dynamic_range_db", "learning_rate", "prf_hz"), "> 0"),
     **dict.fromkeys(("condition_dropout", "ema_decay", "test_fraction", "val_fraction"), "in [0, 1)"),

@@ -41,21 +41,19 @@ PRESETS = {
                          strength=1.0),
     },
     "quick": {
-        # Spectrum term at weight 1 and 16 latent channels: the speckle texture survives. Trained on time
-        # windows of half the width: half the work per step, the same PSNR and identity (docs/experiments.md).
+        # Spectrum term at weight 1 and 16 latent channels: the speckle texture survives (docs/experiments.md).
         "vae": dict(
             resolution=64, block_out_channels=(32, 64, 128), layers_per_block=1, latent_channels=16, norm_num_groups=32,
             pixel_loss="mse", freq_weight=1.0, batch_size=16, learning_rate=2e-3, max_train_steps=600, warmup_steps=100,
             checkpointing_steps=200, validation_steps=200, num_validation_images=8, latent_stats_images=2000,
-            mixed_precision="auto", time_window=32,
+            mixed_precision="auto",
         ),
         # Batch 16: on 2 cores more, smaller steps learn more identity per second. Attention only at 4x4 and
         # bf16 where the CPU computes it: 1.5-2.0x the steps/s, so twice the steps fit (docs/experiments.md).
         # Held-out loss every 200 steps (3.6 s each in bf16): every 400 shipped a measurably worse step.
-        # Learning rate 1.5e-3: a lower held-out loss than 1e-3 at equal steps, half the rate where training diverged.
         "diffusion": dict(
             block_out_channels=(64, 128, 128), layers_per_block=1, attention_levels=1, attention_head_dim=8,
-            norm_num_groups=32, cross_attention_dim=128, num_condition_tokens=4, batch_size=16, learning_rate=1.5e-3,
+            norm_num_groups=32, cross_attention_dim=128, num_condition_tokens=4, batch_size=16, learning_rate=1e-3,
             max_train_steps=3200, warmup_steps=100, checkpointing_steps=800, validation_steps=1600, heldout_steps=200,
             heldout_patience=3, validation_users=8,
             validation_seeds=4, num_inference_steps=25, mixed_precision="auto",
@@ -106,7 +104,6 @@ BASE = {
         disc_weight=0.0, disc_start=0, disc_channels=64, disc_layers=3,
         num_epochs=None, max_train_steps=None, max_grad_norm=1.0, checkpoints_total_limit=3,
         mixed_precision="no", weight_decay=0.0, use_augmentation=False, num_workers=0, seed=0, report_to="none",
-        time_window=0,  # train on whole images
     ),
     "diffusion": dict(
         num_train_timesteps=1000, prediction_type="epsilon", snr_gamma=5.0, condition_dropout=0.1,

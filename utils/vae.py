@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from utils.augment import roll_time, time_window
+from utils.augment import roll_time
 from utils.cli import UsageError
 from utils.data_loader import MANIFEST_NAME, DatasetManifest
 from utils.files import atomic_folder, write_json
@@ -68,10 +68,6 @@ def check_architecture(values):
     for name in ("layers_per_block", "latent_channels"):
         if values[name] < 1:
             raise UsageError(f"--{name} must be at least 1")
-    window = values.get("time_window") or 0
-    if window and (window % factor or not 0 < window <= values["resolution"]):
-        raise UsageError(f"--time_window {window} must be 0 (whole images) or a multiple of {factor} up to "
-                         f"--resolution {values['resolution']}: the encoder halves it as it does the image")
     check_optimisation(values)
 
 
@@ -175,8 +171,6 @@ def build_vae_training(config, accelerator, max_steps):
         pixel_values = batch["pixel_values"]
         if config.use_augmentation:
             pixel_values = roll_time(pixel_values)
-        if 0 < config.time_window < pixel_values.shape[-1]:
-            pixel_values = time_window(pixel_values, config.time_window)  # (B, 3, R, time_window)
         reconstructions, posterior = model(pixel_values)
         terms = vae_losses(reconstructions, pixel_values, posterior, pixel_loss=config.pixel_loss,
                            kl_weight=config.kl_weight, freq_weight=config.freq_weight, perceptual=perceptual,
