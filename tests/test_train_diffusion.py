@@ -294,6 +294,28 @@ def test_best_so_far_counts_the_measurements_after_the_lowest():
     assert best_so_far([3.0, 2.0, 1.0]) == (2, 0)
 
 
+def test_the_patience_stop_says_when_the_held_out_loss_diverged(tmp_path, monkeypatch, capsys):
+    import contextlib
+    from types import SimpleNamespace
+
+    import training.train_diffusion as train_diffusion
+
+    losses = iter([0.09, 0.17, 0.18, 0.9, 0.91])  # memorising (about twofold), then diverging (tenfold)
+    monkeypatch.setattr(train_diffusion, "heldout_loss", lambda *args: next(losses))
+    denoiser = torch.nn.Linear(1, 1)
+    training = SimpleNamespace(denoiser=denoiser, noise_scheduler=None, swap_in_ema=lambda: None,
+                               swap_out_ema=lambda: None)
+    accelerator = SimpleNamespace(autocast=contextlib.nullcontext, device="cpu")
+    config = SimpleNamespace(heldout_patience=2, use_ema=True)
+    selection = train_diffusion.HeldoutSelection(accelerator, training, config, None, tmp_path, [])
+    assert [selection(step)[1] for step in (1, 2, 3)] == [False, False, True]
+    assert "diverged" not in capsys.readouterr().out
+    selection = train_diffusion.HeldoutSelection(accelerator, training, config, None, tmp_path,
+                                                 [{"step": 1, "heldout_loss": 0.09}])
+    assert [selection(step)[1] for step in (2, 3)] == [False, True]
+    assert "over four times that: the training diverged, try a lower --learning_rate" in capsys.readouterr().out
+
+
 def test_final_model_keeps_the_weights_of_the_lowest_heldout_loss(generator_run):
     records = [json.loads(line) for line in (generator_run / "logs/metrics.jsonl").read_text().splitlines()]
     heldout = [(r["step"], r["heldout_loss"]) for r in records if "heldout_loss" in r]

@@ -121,8 +121,12 @@ class HeldoutSelection:
         patience = self.config.heldout_patience
         stop = bool(patience) and self.since_best >= patience
         if stop:
+            # Memorising raises the held-out loss up to about twofold (docs/experiments.md); a diverged run
+            # (too high a learning rate) multiplies it tenfold, with no non-finite value for the loop's guard.
+            diverged = (f"; now {loss:.4f}, over four times that: the training diverged, try a lower --learning_rate"
+                        if loss > 4 * self.best_loss else "")
             tqdm.write(f"step {step}: the held-out loss has not improved for {self.since_best} measurements since "
-                       f"step {self.best_step} ({self.best_loss:.4f}): stopping")
+                       f"step {self.best_step} ({self.best_loss:.4f}){diverged}: stopping")
         return {"heldout_loss": loss}, stop
 
     def load_best(self, last_step):
