@@ -69,6 +69,24 @@ def test_train_classifier_writes_a_reloadable_folder(tiny_generator, tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
+def test_a_classifier_saved_before_the_pool_moved_ahead_of_batchnorm_still_loads(tiny_generator, tmp_path):
+    from utils.data_loader import DatasetManifest
+
+    manifest = DatasetManifest.load(tiny_generator / "diffusion/final_model/dataset_manifest.json")
+    torch.manual_seed(0)
+    old = clf.build_classifier(manifest.users, (8, 16), (2, 1), pool_before_norm=False)
+    assert [type(m).__name__ for m in old.features][:7] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d",
+                                                           "ReLU", "MaxPool2d"]
+    new = clf.build_classifier(manifest.users, (8, 16), (2, 1))
+    assert [type(m).__name__ for m in new.features][:7] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "MaxPool2d",
+                                                           "BatchNorm2d", "ReLU"]
+    old.config.pop("pool_before_norm")  # config.json as it was written then
+    clf.save_classifier(old, tmp_path / "c", manifest, {"resolution": 16})
+    loaded, _, _ = load_classifier(tmp_path / "c")
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    assert torch.equal(clf.predict(loaded, images)[0], clf.predict(old, images)[0])
+
+
 def test_report_has_every_section_and_plot(evaluation, generated, tiny_generator):
     report = json.loads((evaluation / "report.json").read_text())
     card = (tiny_generator / "diffusion/final_model/README.md").read_text()  # the model card has the headline

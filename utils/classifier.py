@@ -1,11 +1,11 @@
 """The person-ID classifier used to evaluate generated images, and its training loop.
 
-A plain convolutional network (`SpectrogramCNN`: per stage 3x3 convolution, BatchNorm,
-ReLU, 2x2 max-pool; then global average pooling and a linear layer), trained from
+A plain convolutional network (`SpectrogramCNN`: per stage 3x3 convolution, 2x2 max-pool,
+BatchNorm, ReLU; then global average pooling and a linear layer), trained from
 scratch: no pretrained download. It keeps full resolution in its first stage, where the
 fine Doppler detail that tells people apart lives, and learned more identity per CPU
 second than a ResNet whose stem quarters the image first (docs/experiments.md). A saved
-classifier is a folder: config.json (users, widths, depths), model.safetensors, the
+classifier is a folder: config.json (users, widths, depths, layer order), model.safetensors, the
 dataset manifest whose split it was trained on, and training.json.
 
 Real and generated images go through one path: `load_image_folder` / `load_split`
@@ -101,20 +101,27 @@ def load_image_folder(folder, manifest, resolution, flag="--generated_dir"):
 
 
 class SpectrogramCNN(torch.nn.Module):
-    """Stages of `depth` (3x3 conv, BatchNorm, ReLU) and a 2x2 max-pool, one per width;
-    global average pooling; a linear layer over the users. Inputs (B, 3, R, R) in [-1, 1],
-    R at least 2^stages."""
+    """Stages of `depth` 3x3 convolutions, each followed by BatchNorm and ReLU, with a 2x2
+    max-pool after each stage's last convolution, before its BatchNorm (`pool_before_norm`:
+    a quarter of the normalisation work, 1.35x the steps/s on a 2-core CPU and +2.1 points on
+    real test, docs/experiments.md; False builds classifiers saved before, which pooled
+    after the ReLU); global average pooling; a linear layer over the users. Inputs
+    (B, 3, R, R) in [-1, 1], R at least 2^stages."""
 
-    def __init__(self, users, widths, depths):
+    def __init__(self, users, widths, depths, pool_before_norm=True):
         super().__init__()
-        self.config = {"users": list(users), "widths": list(widths), "depths": list(depths)}
+        self.config = {"users": list(users), "widths": list(widths), "depths": list(depths),
+                       "pool_before_norm": pool_before_norm}
         layers, channels = [], 3
         for width, depth in zip(widths, depths):
-            for _ in range(depth):
-                layers += [torch.nn.Conv2d(channels, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width),
-                           torch.nn.ReLU(inplace=True)]
+            for index in range(depth):
+                layers.append(torch.nn.Conv2d(channels, width, 3, padding=1, bias=False))
+                if pool_before_norm and index == depth - 1:
+                    layers.append(torch.nn.MaxPool2d(2))
+                layers += [torch.nn.BatchNorm2d(width), torch.nn.ReLU(inplace=True)]
                 channels = width
-            layers.append(torch.nn.MaxPool2d(2))
+            if not pool_before_norm:
+                layers.append(torch.nn.MaxPool2d(2))
         self.features = torch.nn.Sequential(*layers)
         self.head = torch.nn.Linear(channels, len(users))
 
@@ -125,8 +132,8 @@ class SpectrogramCNN(torch.nn.Module):
         return self.head(self.embed(images))  # (B, users) logits
 
 
-def build_classifier(users, widths, depths):
-    return SpectrogramCNN(users, widths, depths)
+def build_classifier(users, widths, depths, pool_before_norm=True):
+    return SpectrogramCNN(users, widths, depths, pool_before_norm)
 
 
 @torch.no_grad()
@@ -337,7 +344,9 @@ def load_classifier(folder, flag="--classifier_path"):
     manifest = DatasetManifest.load(folder / MANIFEST_NAME)
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
-        model = build_classifier(config["users"], config["widths"], config["depths"])
+        # Classifiers saved before the pool moved ahead of BatchNorm have no such key.
+        model = build_classifier(config["users"], config["widths"], config["depths"],
+                                 config.get("pool_before_norm", False))
         model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
     except (KeyError, ValueError, RuntimeError, OSError) as error:
         raise UsageError(f"{flag} {folder}: cannot load the classifier ({str(error).splitlines()[0]})") from None
