@@ -283,6 +283,13 @@ def plot_gain(gain, path):
     plt.close(fig)
 
 
+def gain_colours(real, augmented):
+    """Per user: green where real + generated beats real only, red where it loses, grey where they
+    tie (equal test-image counts can differ in the last float32 bits of their means)."""
+    same = np.isclose(augmented, real, rtol=0, atol=1e-6)
+    return ["C7" if tie else "C2" if a > r else "C3" for r, a, tie in zip(real, augmented, same)]
+
+
 def plot_gain_per_user(users, per_user, path):
     """Per user at "all": real test accuracy of real-only and real + generated classifiers."""
     import matplotlib.pyplot as plt
@@ -291,8 +298,7 @@ def plot_gain_per_user(users, per_user, path):
     real, augmented = np.asarray(per_user["real"]), np.asarray(per_user["real + generated"])
     fig, ax = plt.subplots(figsize=(max(6, len(users) * 0.3), 3.5))
     ax.bar(x - 0.2, real, 0.4, label="real only")
-    ax.bar(x + 0.2, augmented, 0.4, label="real + generated",
-           color=["C2" if a > r else "C3" if a < r else "C7" for r, a in zip(real, augmented)])
+    ax.bar(x + 0.2, augmented, 0.4, label="real + generated", color=gain_colours(real, augmented))
     ax.set_xticks(x, users, rotation=90, fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel("real test accuracy (mean over seeds)")
