@@ -2,8 +2,8 @@
 
 A plain convolutional network (`SpectrogramCNN`: per stage 3x3 convolution, 2x2 max-pool,
 BatchNorm, ReLU; then global average pooling and a linear layer), trained from
-scratch: no pretrained download. It keeps full resolution in its first stage, where the
-fine Doppler detail that tells people apart lives, and learned more identity per CPU
+scratch: no pretrained download. Its first convolution sees the full resolution, where the
+fine Doppler detail that tells people apart lives, and it learned more identity per CPU
 second than a ResNet whose stem quarters the image first (docs/experiments.md). A saved
 classifier is a folder: config.json (users, widths, depths, layer order), model.safetensors, the
 dataset manifest whose split it was trained on, and training.json.
