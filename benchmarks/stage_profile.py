@@ -261,7 +261,8 @@ def evaluation_steps(preset, num_users, train_per_user, generated_per_user):
     train, generated = split(train_per_user), split(generated_per_user)
     budgets = [str(b) for b in evaluation["budgets"]]
     jobs = evaluation_jobs(train, split(1), generated, budgets, evaluation["gain_seeds"], evaluation["num_seeds"],
-                           evaluation["classic_augmentation"], settings["max_train_steps"], (train, split(1)))
+                           evaluation["classic_augmentation"], settings["max_train_steps"],
+                           (train, split(1)) if evaluation["vae_classifiers"] else None)
     return len(jobs), sum(job.steps(settings) for job in jobs.values())
 
 

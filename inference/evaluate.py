@@ -12,9 +12,11 @@ classifiers (utils/classifier.py) are trained here from scratch, sized by --pres
   identity    classifiers trained on real train (--num_seeds seeds, or the one given by
               --classifier_path): accuracy on real test, and on generated images labelled
               with the user they were generated for (overall, per user, confusion matrix);
-  vae         the same trained on VAE reconstructions of the train split: its accuracy on
-              reconstructed test images vs on generated images separates what the VAE
-              loses (texture) from what the diffusion model loses (identity);
+  vae         the identity kept through the VAE: the real-train classifiers on VAE
+              reconstructions of the test images; with --vae_classifiers (preset) also
+              classifiers trained on reconstructions of the train split, whose accuracy on
+              reconstructed test vs on generated images separates what the VAE loses
+              (texture) from what the diffusion model loses (identity);
   tstr        trained on generated images only, tested on real test;
   gain        real train vs real train + all generated images, at --budgets real images per
               user, paired by seed over --gain_seeds seeds, with a 95% t interval;
@@ -67,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=PRESET_NAMES, default="quick", help="sizes the classifiers and the protocol")
     p.add_argument("--budgets", nargs="+", help="real images per user for the gain, integers or 'all' (preset)")
     p.add_argument("--num_seeds", type=int, help="classifier seeds for identity, vae and tstr (preset)")
+    p.add_argument("--vae_classifiers", action=argparse.BooleanOptionalAction,
+                   help="also train classifiers on VAE reconstructions of the train split (preset: standard yes, "
+                        "quick no)")
     p.add_argument("--gain_seeds", type=int, help="paired seeds for the augmentation gain (preset)")
     p.add_argument("--max_train_steps", type=int, help="classifier training steps (preset)")
     p.add_argument("--classifier_resolution", type=int, help="side the classifiers see, images resized to it (preset)")
@@ -105,7 +110,8 @@ def resolve_settings(args):
     if settings["resolution"] < 2 ** len(settings["widths"]):
         raise UsageError(f"--classifier_resolution must be at least {2 ** len(settings['widths'])} (the classifier "
                          f"halves it {len(settings['widths'])} times), got {settings['resolution']}")
-    return settings, budgets, num_seeds, gain_seeds, dict(evaluation["classic_augmentation"])
+    vae_classifiers = evaluation["vae_classifiers"] if args.vae_classifiers is None else args.vae_classifiers
+    return settings, budgets, num_seeds, gain_seeds, dict(evaluation["classic_augmentation"]), vae_classifiers
 
 
 def generator_record(generated_dir):
@@ -167,7 +173,7 @@ def evaluation_manifest(args, data_dir, generator_manifest, classifier_manifest)
 
 def main(args):
     started = time.perf_counter()
-    settings, budgets, num_seeds, gain_seeds, classic = resolve_settings(args)
+    settings, budgets, num_seeds, gain_seeds, classic, vae_classifiers = resolve_settings(args)
     data_dir = check_data_dir(args.data_dir)
     generated_dir = check_folder(args.generated_dir, "--generated_dir")
     compare_dirs = [check_folder(d, "--compare_dir") for d in args.compare_dir]
@@ -205,8 +211,9 @@ def main(args):
                for d in compare_dirs}
     c_train, c_val, c_test, c_gen = (for_classifier(*pair) for pair in (train, val, test, (gen_images, gen_labels)))
 
-    # The VAE reconstructions, for the classifiers trained on them.
+    # The VAE reconstructions: of test for the identity kept, of train and val for the classifiers trained on them.
     vae_path = args.vae_path or generator_vae
+    reconstructions = None
     if vae_path:
         from utils.vae import load_vae, reconstruct_uint8
 
@@ -215,9 +222,11 @@ def main(args):
         if vae.config.sample_size != resolution:
             raise UsageError(f"the VAE {vae_path} works at {vae.config.sample_size}x{vae.config.sample_size}, the "
                              f"generated images are {resolution}x{resolution}")
-        log(f"reconstructing train, val and test through the VAE ({str(vae_dtype).removeprefix('torch.')})")
-        recon_train, recon_val, recon_test = (for_classifier(reconstruct_uint8(vae, x, device), y)
-                                              for x, y in (train, val, test))
+        splits = (train, val, test) if vae_classifiers else (test,)
+        log(f"reconstructing {', '.join(('train', 'val', 'test')[-len(splits):])} through the VAE "
+            f"({str(vae_dtype).removeprefix('torch.')})")
+        *reconstructions, recon_test = (for_classifier(reconstruct_uint8(vae, x, device), y) for x, y in splits)
+        reconstructions = reconstructions or None
 
     # A budget that every user's train split fits in is the whole split: "all" measures it.
     most = max(manifest.train_counts())
@@ -229,8 +238,7 @@ def main(args):
     # Every classifier of the protocol, keyed by (role, ...): independent jobs trained together. The
     # real-only rows at "all" are the reference classifiers of the identity section too.
     jobs = sections.evaluation_jobs(c_train, c_val, c_gen, budgets, gain_seeds, num_seeds, classic,
-                                    settings["max_train_steps"], (recon_train, recon_val) if vae_path else None,
-                                    reference is not None)
+                                    settings["max_train_steps"], reconstructions, reference is not None)
     log(f"training {len(jobs)} classifiers at {classifier_resolution}x{classifier_resolution}")
     models = dict(zip(jobs, clf.train_classifiers(list(jobs.values()), users, settings, device)))
 
@@ -239,13 +247,13 @@ def main(args):
     log(f"identity: real test {pct(identity['real_test']['mean'])}, generated {pct(identity['generated']['mean'])}")
     vae_report, vae_models = None, []
     if vae_path:
-        vae_models = [models["vae", seed] for seed in range(num_seeds)]
+        vae_models = [models["vae", seed] for seed in range(num_seeds)] if reconstructions else []
         vae_report = {"vae_path": str(vae_path), "dtype": str(vae_dtype).removeprefix("torch."),
                       **sections.vae_section(references, vae_models, c_test, recon_test, c_gen,
                                              identity["real_test"]["mean"])}
-        log(f"vae: {pct(vae_report['identity_kept'])} of the identity survives the VAE; reconstruction classifiers: "
-            f"reconstructed test {pct(vae_report['reconstructed_test']['mean'])}, "
-            f"generated {pct(vae_report['generated']['mean'])}")
+        log(f"vae: {pct(vae_report['identity_kept'])} of the identity survives the VAE" + (
+            f"; reconstruction classifiers: reconstructed test {pct(vae_report['reconstructed_test']['mean'])}, "
+            f"generated {pct(vae_report['generated']['mean'])}" if vae_models else ""))
     compare_report = sections.compare_section(references, vae_models, c_test, compare)
     tstr = sections.tstr_section([models["tstr", seed] for seed in range(num_seeds)], c_test)
     log(f"tstr: real test {pct(tstr['real_test']['mean'])}")

@@ -69,6 +69,25 @@ def test_train_classifier_writes_a_reloadable_folder(tiny_generator, tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
+def test_without_vae_classifiers_only_the_identity_kept_is_measured(tiny_generator, generated, evaluation, tmp_path):
+    """--no-vae_classifiers (the quick preset's choice): the same report less the classifiers
+    trained on reconstructions, whose training is the one thing left out."""
+    result = run_cli("inference/evaluate.py", "--data_dir", tiny_generator / "data", "--generated_dir", generated,
+                     "--output_dir", tmp_path / "e", "--preset", "tiny", "--no-vae_classifiers", *CPU)
+    assert result.returncode == 0, result.stderr
+    assert "reconstructing test through the VAE" in result.stdout
+    trained = [line.split("training ")[1].split()[0] for line in result.stdout.splitlines() if "] training " in line]
+    assert trained == ["17"]  # 4 rows x 2 budgets x 2 seeds + 1 generated-only; the full evaluation adds 1 on VAE
+    report = json.loads((tmp_path / "e/report.json").read_text())
+    full = json.loads((evaluation / "report.json").read_text())
+    assert set(report["vae"]) == {"vae_path", "dtype", "real_train_classifiers_on_reconstructed_test", "identity_kept"}
+    assert report["vae"]["identity_kept"] == full["vae"]["identity_kept"]  # the same classifiers and reconstructions
+    assert report["gain"]["all"]["rows"] == full["gain"]["all"]["rows"]
+    markdown = (tmp_path / "e/report.md").read_text()
+    assert "Identity kept through the VAE" in markdown and "VAE reconstructions of train" not in markdown
+    assert "VAE reconstructions of train" in (evaluation / "report.md").read_text()
+
+
 def test_a_classifier_saved_before_the_pool_moved_ahead_of_batchnorm_still_loads(tiny_generator, tmp_path):
     from utils.data_loader import DatasetManifest
 
@@ -118,6 +137,7 @@ def test_report_has_every_section_and_plot(evaluation, generated, tiny_generator
     vae = report["vae"]  # the generator's VAE, found through the generated folder's manifest
     real, kept = report["identity"]["real_test"]["mean"], vae["real_train_classifiers_on_reconstructed_test"]["mean"]
     assert vae["identity_kept"] == kept / real if real > 0 else math.isnan(vae["identity_kept"])
+    assert PRESETS["tiny"]["evaluation"]["vae_classifiers"] and len(vae["generated"]["values"]) == 1
     # --compare_dir with the evaluated folder itself: the same classifiers give the same accuracy.
     assert report["compare"][str(generated)]["identity"]["mean"] == report["identity"]["generated"]["mean"]
     markdown = (evaluation / "report.md").read_text()

@@ -143,12 +143,16 @@ def identity_section(references, test, generated, num_users):
 
 def vae_section(references, vae_models, test, reconstructed_test, generated, real_mean):
     """How much identity survives the VAE (the real-train classifiers on reconstructions of
-    the test images), and classifiers trained on reconstructions of train: their gap
-    between reconstructed test and generated images is what the diffusion model loses."""
+    the test images), and, when `vae_models` are given, classifiers trained on reconstructions
+    of train: their gap between reconstructed test and generated images is what the
+    diffusion model loses."""
     on_reconstructions = mean_std([clf.accuracy(m, *reconstructed_test) for m in references])
+    kept = {"real_train_classifiers_on_reconstructed_test": on_reconstructions,
+            "identity_kept": on_reconstructions["mean"] / real_mean if real_mean > 0 else float("nan")}
+    if not vae_models:
+        return kept
     return {
-        "real_train_classifiers_on_reconstructed_test": on_reconstructions,
-        "identity_kept": on_reconstructions["mean"] / real_mean if real_mean > 0 else float("nan"),
+        **kept,
         "real_test": mean_std([clf.accuracy(m, *test) for m in vae_models]),
         "reconstructed_test": mean_std([clf.accuracy(m, *reconstructed_test) for m in vae_models]),
         "generated": mean_std([clf.accuracy(m, *generated) for m in vae_models]),
@@ -410,15 +414,16 @@ def render_markdown(report, level=1, image_prefix=""):
         f"| real train | {len(identity['real_test']['values'])} | {spread(identity['real_test'])} | "
         f"{spread(v['real_train_classifiers_on_reconstructed_test']) if v else '–'} | {spread(identity['generated'])} |",
     ]
-    if v:
+    if v and "generated" in v:
         lines.append(f"| VAE reconstructions of train | {len(v['generated']['values'])} | {spread(v['real_test'])} | "
                      f"{spread(v['reconstructed_test'])} | {spread(v['generated'])} |")
     if "real_test_balanced" in identity:
         lines += ["", f"Balanced accuracy of the real-train classifiers: real test {spread(identity['real_test_balanced'])}, "
                   f"generated {spread(identity['generated_balanced'])}."]
     lines += ["", f"Generated accuracy relative to real test accuracy: **{pct(identity['ratio'])}** "
-              "(reference classifiers). With the VAE classifier the gap between reconstructed test and generated "
-              "is what the diffusion model loses; the gap between real and reconstructed is the VAE's share.", ""]
+              "(reference classifiers)." + (" With the VAE classifier the gap between reconstructed test and "
+                                            "generated is what the diffusion model loses; the gap between real and "
+                                            "reconstructed is the VAE's share." if v and "generated" in v else ""), ""]
     if v:
         lines += [f"Identity kept through the VAE: **{pct(v['identity_kept'])}** of the identity survives the VAE "
                   "(the real-train classifiers' accuracy on VAE reconstructions of the test images, relative to "
@@ -426,7 +431,7 @@ def render_markdown(report, level=1, image_prefix=""):
     if r["compare"]:
         lines += ["| generated folder | on generated (real-train classifiers) | on generated (VAE classifiers) | "
                   "Frechet distance |", "|---|---|---|---|"]
-        rows = [(r["generated_dir"], {"identity": identity["generated"], "vae": v["generated"] if v else None,
+        rows = [(r["generated_dir"], {"identity": identity["generated"], "vae": v.get("generated") if v else None,
                                       "frechet_distance": r["distribution"]["frechet_distance"]})]
         for name, c in rows + list(r["compare"].items()):
             lines.append(f"| `{name}` | {spread(c['identity'])} | {spread(c['vae']) if c.get('vae') else '–'} | "
