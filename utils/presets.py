@@ -66,8 +66,8 @@ PRESETS = {
             weight_decay=5e-4, max_train_steps=375, eval_every=25, patience=4, mixed_precision="auto",
         ),
         # 5 paired gain seeds (4 rows x 2 budgets): the intervals of docs/experiments.md; the time it takes is there.
-        # No classifiers on VAE reconstructions: a sixth of the evaluation's time for a diagnostic that is not
-        # the identity kept through the VAE (that one stays: the reference classifiers on reconstructed test).
+        # No classifiers on VAE reconstructions: 2 of the evaluation's 18 minutes (docs/results.md) for a diagnostic;
+        # the identity kept through the VAE stays (the reference classifiers on reconstructed test).
         "evaluation": dict(budgets=("all", 10), num_seeds=3, gain_seeds=5, classic_augmentation=CLASSIC_AUGMENTATION,
                            vae_classifiers=False),
         "pipeline": dict(num_users=31, images_per_user=150, resolution=256, images_to_generate=20, min_psnr=20.0,
