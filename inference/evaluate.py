@@ -222,11 +222,11 @@ def main(args):
         if vae.config.sample_size != resolution:
             raise UsageError(f"the VAE {vae_path} works at {vae.config.sample_size}x{vae.config.sample_size}, the "
                              f"generated images are {resolution}x{resolution}")
-        splits = (train, val, test) if vae_classifiers else (test,)
-        log(f"reconstructing {', '.join(('train', 'val', 'test')[-len(splits):])} through the VAE "
+        log(f"reconstructing {'train, val and test' if vae_classifiers else 'test'} through the VAE "
             f"({str(vae_dtype).removeprefix('torch.')})")
-        *reconstructions, recon_test = (for_classifier(reconstruct_uint8(vae, x, device), y) for x, y in splits)
-        reconstructions = reconstructions or None
+        recon_test = for_classifier(reconstruct_uint8(vae, test[0], device), test[1])
+        if vae_classifiers:
+            reconstructions = tuple(for_classifier(reconstruct_uint8(vae, x, device), y) for x, y in (train, val))
 
     # A budget that every user's train split fits in is the whole split: "all" measures it.
     most = max(manifest.train_counts())

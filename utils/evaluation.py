@@ -414,7 +414,8 @@ def render_markdown(report, level=1, image_prefix=""):
         f"| real train | {len(identity['real_test']['values'])} | {spread(identity['real_test'])} | "
         f"{spread(v['real_train_classifiers_on_reconstructed_test']) if v else '–'} | {spread(identity['generated'])} |",
     ]
-    if v and "generated" in v:
+    trained_on_reconstructions = bool(v) and "generated" in v  # reports without --vae_classifiers lack them
+    if trained_on_reconstructions:
         lines.append(f"| VAE reconstructions of train | {len(v['generated']['values'])} | {spread(v['real_test'])} | "
                      f"{spread(v['reconstructed_test'])} | {spread(v['generated'])} |")
     if "real_test_balanced" in identity:
@@ -423,7 +424,7 @@ def render_markdown(report, level=1, image_prefix=""):
     lines += ["", f"Generated accuracy relative to real test accuracy: **{pct(identity['ratio'])}** "
               "(reference classifiers)." + (" With the VAE classifier the gap between reconstructed test and "
                                             "generated is what the diffusion model loses; the gap between real and "
-                                            "reconstructed is the VAE's share." if v and "generated" in v else ""), ""]
+                                            "reconstructed is the VAE's share." if trained_on_reconstructions else ""), ""]
     if v:
         lines += [f"Identity kept through the VAE: **{pct(v['identity_kept'])}** of the identity survives the VAE "
                   "(the real-train classifiers' accuracy on VAE reconstructions of the test images, relative to "
