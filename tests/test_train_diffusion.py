@@ -172,6 +172,19 @@ def test_class_embedding_puts_the_user_into_every_resnet_block(stage1, tmp_path)
     assert torch.equal(before[0], after[0]) and not torch.allclose(before[1], after[1])
 
 
+def test_by_default_the_embedding_scales_and_shifts_every_resnet_block(stage1, tmp_path):
+    from utils.pipeline import UserDiffusionPipeline
+
+    run = tmp_path / "run"
+    result = train(stage1, run)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run / "config.json").read_text())["scale_shift"] is True
+    unet = UserDiffusionPipeline.from_pretrained(run / "final_model").unet
+    assert unet.config.resnet_time_scale_shift == "scale_shift"
+    block = unet.down_blocks[0].resnets[0]
+    assert block.time_emb_proj.out_features == 2 * block.conv1.out_channels  # a scale and a shift per channel
+
+
 @pytest.mark.floors
 def test_resume_continues_and_reuses_the_latent_cache(stage1, tmp_path):
     run = tmp_path / "run"

@@ -41,7 +41,8 @@ from utils.vae import trained_vae
 
 
 # What the checkpoint's tensors depend on: a resumed run must have the same.
-RESUMABLE_ARCHITECTURE = (*UNET_ARCHITECTURE, "latent_shape", "class_embedding", "num_condition_tokens", "use_ema")
+RESUMABLE_ARCHITECTURE = (*UNET_ARCHITECTURE, "latent_shape", "class_embedding", "scale_shift",
+                         "num_condition_tokens", "use_ema")
 
 
 def validation_users(manifest, count):
@@ -168,6 +169,9 @@ def parse_args(argv=None):
     model.add_argument("--class_embedding", action=argparse.BooleanOptionalAction, default=None,
                        help="the user also through the UNet's timestep embedding (every ResNet block), beside "
                             "cross-attention")
+    model.add_argument("--scale_shift", action=argparse.BooleanOptionalAction, default=None,
+                       help="the timestep (and user) embedding scales and shifts each ResNet block's normalised "
+                            "features (FiLM) instead of only being added to them")
     diffusion = p.add_argument_group("diffusion (preset)")
     diffusion.add_argument("--balance_users", action=argparse.BooleanOptionalAction, default=None,
                            help="draw every user equally often (users with unequal image counts); default off: every "

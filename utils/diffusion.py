@@ -78,10 +78,12 @@ def resolve_diffusion_config(given, vae_config=None):
 
 
 def build_unet(latent_channels, latent_size, block_out_channels, layers_per_block, attention_levels,
-               attention_head_dim, norm_num_groups, cross_attention_dim, num_class_embeds=None):
+               attention_head_dim, norm_num_groups, cross_attention_dim, num_class_embeds=None, scale_shift=False):
     """The denoiser's UNet, with (self- and cross-) attention on its `attention_levels`
     lowest-resolution levels and in the mid-block; with `num_class_embeds` (users + the null
-    row) a user embedding is added to the timestep embedding, so every ResNet block sees the user."""
+    row) a user embedding is added to the timestep embedding, so every ResNet block sees the user;
+    with `scale_shift` that embedding scales and shifts each block's normalised features (FiLM,
+    as in Dhariwal & Nichol 2021) instead of only being added to them."""
     from diffusers import UNet2DConditionModel
 
     plain = len(block_out_channels) - attention_levels
@@ -100,6 +102,7 @@ def build_unet(latent_channels, latent_size, block_out_channels, layers_per_bloc
         attention_head_dim=attention_head_dim,
         norm_num_groups=norm_num_groups,
         num_class_embeds=num_class_embeds,
+        resnet_time_scale_shift="scale_shift" if scale_shift else "default",
     )
 
 
@@ -134,7 +137,8 @@ def build_denoiser(config, num_users):
     """The UNet and condition encoder of a resolved stage-2 configuration."""
     channels, size, _ = config.latent_shape
     unet = build_unet(channels, size, **config.pick(*UNET_ARCHITECTURE),
-                      num_class_embeds=num_users + 1 if config.class_embedding else None)
+                      num_class_embeds=num_users + 1 if config.class_embedding else None,
+                      scale_shift=config.scale_shift)
     encoder = UserConditionEncoder(num_users, config.cross_attention_dim, config.num_condition_tokens)
     return ConditionalDenoiser(unet, encoder)
 

@@ -244,7 +244,7 @@ tags: [micro-doppler, radar, gait-recognition, latent-diffusion, data-augmentati
 
 Generates {pipe.config.resolution}x{pipe.config.resolution} colour micro-Doppler spectrograms of a chosen person: a
 UNet2DConditionModel denoises {'x'.join(map(str, pipe.config.latent_shape))} latents of an AutoencoderKL, conditioned
-on the user through a learned embedding (cross-attention{', and the timestep embedding' if pipe.unet.config.num_class_embeds else ''}),
+on the user through a learned embedding (cross-attention{', and the timestep embedding' if pipe.unet.config.num_class_embeds else ''}{', which scales and shifts every ResNet block' if pipe.unet.config.resnet_time_scale_shift == 'scale_shift' else ''}),
 with classifier-free guidance (null index {pipe.config.null_index}).
 
 ## Data
