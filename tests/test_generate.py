@@ -140,7 +140,12 @@ def test_an_image_does_not_depend_on_the_other_users_in_its_batch(model, tmp_pat
     together = run_cli(SCRIPT, *common, "--user_ids", "all", "--batch_size", 6, "--output_dir", tmp_path / "all")
     assert alone.returncode == 0 and together.returncode == 0, alone.stderr + together.stderr
     for name in ("ID_2_seed100000.png", "ID_2_seed100001.png"):
-        assert (tmp_path / "alone/ID_2" / name).read_bytes() == (tmp_path / "all/ID_2" / name).read_bytes()
+        alone_pixels, together_pixels = (np.asarray(Image.open(tmp_path / d / "ID_2" / name)).astype(int)
+                                         for d in ("alone", "all"))
+        # The same noise, so the same image; kernels for another batch size round the last float bits
+        # differently (about 1e-6), which can move a rare pixel by one level.
+        assert np.abs(alone_pixels - together_pixels).max() <= 1
+        assert (alone_pixels != together_pixels).mean() < 0.01
 
 
 def test_image_to_image_starts_from_the_users_train_images(model, tiny_generator, tmp_path):

@@ -2,7 +2,8 @@
 space, then the VAE decoder. Shared by stage-2 validation and inference/generate.py.
 
 Each image's starting noise comes from its own seed, so an image is reproducible from
-(user, seed) alone, whatever batch it was generated in.
+(user, seed) alone, whatever batch it was generated in (up to the last float bits, which
+kernels for another batch size round differently).
 """
 
 import torch
