@@ -205,6 +205,12 @@ def test_resuming_with_another_architecture_exits_2_and_names_it(stage1, tmp_pat
     other = train(stage1, run, "--max_train_steps", 4, "--attention_levels", 0, "--resume_from_checkpoint", "latest")
     assert other.returncode == 2, other.stderr
     assert "attention_levels 1 (now 0)" in other.stderr and "Traceback" not in other.stderr
+    # A run from before --scale_shift existed had the additive embedding; its config.json does not say so.
+    config = json.loads((run / "config.json").read_text())
+    del config["scale_shift"]
+    (run / "config.json").write_text(json.dumps(config))
+    old = train(stage1, run, "--max_train_steps", 4, "--resume_from_checkpoint", "latest")
+    assert old.returncode == 2 and "scale_shift False (now True)" in old.stderr and "Traceback" not in old.stderr
 
 
 def test_latent_cache_is_rebuilt_when_the_data_change(stage1, tmp_path):

@@ -43,6 +43,8 @@ from utils.vae import trained_vae
 # What the checkpoint's tensors depend on: a resumed run must have the same.
 RESUMABLE_ARCHITECTURE = (*UNET_ARCHITECTURE, "latent_shape", "class_embedding", "scale_shift",
                          "num_condition_tokens", "use_ema")
+# Runs from before an option existed were trained the one way there was.
+UNRECORDED_ARCHITECTURE = {"scale_shift": False}
 
 
 def validation_users(manifest, count):
@@ -234,7 +236,8 @@ def main(args):
     if config.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    resume_from = resume_point(output_dir, config.resume_from_checkpoint, config, RESUMABLE_ARCHITECTURE)
+    resume_from = resume_point(output_dir, config.resume_from_checkpoint, config, RESUMABLE_ARCHITECTURE,
+                               UNRECORDED_ARCHITECTURE)
 
     accelerator = make_accelerator(config.device, config.mixed_precision, config.gradient_accumulation_steps,
                                    config.report_to, output_dir)

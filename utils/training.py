@@ -327,10 +327,11 @@ def total_steps(max_train_steps, num_epochs, batches_per_epoch, gradient_accumul
     return num_epochs * steps_per_epoch, steps_per_epoch
 
 
-def resume_point(output_dir, resume, config=None, architecture=()):
+def resume_point(output_dir, resume, config=None, architecture=(), unrecorded=None):
     """The checkpoint to resume from (or None), refusing to start over a finished or
     checkpointed run unless --resume_from_checkpoint says so, and to resume a run whose
-    config.json has other `architecture` settings than `config` (its weights would not load)."""
+    config.json has other `architecture` settings than `config` (its weights would not load).
+    `unrecorded`: what a setting was in runs whose config.json predates it."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir {output_dir} is a file")
@@ -339,7 +340,7 @@ def resume_point(output_dir, resume, config=None, architecture=()):
         raise UsageError(f"{output_dir} already holds a run: add --resume_from_checkpoint latest, or choose another --output_dir")
     stored_path = Path(resume_from).parents[1] / "config.json" if resume_from is not None else None
     if stored_path is not None and stored_path.is_file() and config is not None:
-        stored = json.loads(stored_path.read_text())
+        stored = {**(unrecorded or {}), **json.loads(stored_path.read_text())}
         current = config.to_dict()
         differ = [name for name in architecture if name in stored and stored[name] != current.get(name)]
         if differ:
