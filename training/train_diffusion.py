@@ -41,8 +41,7 @@ from utils.vae import trained_vae
 
 
 # What the checkpoint's tensors depend on: a resumed run must have the same.
-RESUMABLE_ARCHITECTURE = (*UNET_ARCHITECTURE, "latent_shape", "class_embedding", "scale_shift",
-                         "num_condition_tokens", "use_ema")
+RESUMABLE_ARCHITECTURE = (*UNET_ARCHITECTURE, "latent_shape", "class_embedding", "num_condition_tokens", "use_ema")
 # Runs from before an option existed were trained the one way there was.
 UNRECORDED_ARCHITECTURE = {"scale_shift": False}
 

@@ -28,7 +28,7 @@ from utils.training import adamw, check_optimisation, cosine_schedule, launcher_
 
 HELDOUT_TIMESTEPS = 4  # per held-out latent, one from each quarter of the schedule
 UNET_ARCHITECTURE = ("block_out_channels", "layers_per_block", "attention_levels", "attention_head_dim",
-                     "norm_num_groups", "cross_attention_dim")
+                     "norm_num_groups", "cross_attention_dim", "scale_shift")
 
 
 def check_arguments(values):
@@ -137,8 +137,7 @@ def build_denoiser(config, num_users):
     """The UNet and condition encoder of a resolved stage-2 configuration."""
     channels, size, _ = config.latent_shape
     unet = build_unet(channels, size, **config.pick(*UNET_ARCHITECTURE),
-                      num_class_embeds=num_users + 1 if config.class_embedding else None,
-                      scale_shift=config.scale_shift)
+                      num_class_embeds=num_users + 1 if config.class_embedding else None)
     encoder = UserConditionEncoder(num_users, config.cross_attention_dim, config.num_condition_tokens)
     return ConditionalDenoiser(unet, encoder)
 
