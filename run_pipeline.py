@@ -37,6 +37,7 @@ from utils.presets import PRESET_NAMES, PRESETS
 
 REPO_ROOT = Path(__file__).resolve().parent
 SPLIT_FLAGS = ("group_pattern", "groups_csv", "few_groups", "split_csv", "test_dir")  # passed to the manifest stage
+DIFFUSION_FLAGS = {"diffusion_steps": "max_train_steps", "guidance_scale": "guidance_scale"}  # to the diffusion stage
 
 
 def parse_args(argv=None):
@@ -52,6 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--train_images_per_user", type=int,
                    help="a budget-honest run: every model (VAE, diffusion, classifiers) sees only this many train "
                         "images per user, the same ones (val and test unchanged): what a user with N images gets")
+    p.add_argument("--diffusion_steps", type=int,
+                   help="diffusion training steps (preset); the stage's time grows in proportion (README, Results)")
+    p.add_argument("--guidance_scale", type=float,
+                   help="classifier-free guidance, stored with the diffusion model and used to generate (preset)")
     split = p.add_argument_group("the split (made once, in the manifest stage; see python -m utils.data_loader --help)")
     split.add_argument("--group_pattern", help="split by group: a regular expression over <user>/<file> whose first "
                                                r"group names the recording, e.g. '(.*)_\d+\.\w+$'")
@@ -99,7 +104,9 @@ def stages(args, out, data_dir):
             *split, "--min_psnr", settings["min_psnr"], *device]),
         ("diffusion", diffusion_model / "model_index.json", out / "diffusion", python + [
             "training/train_diffusion.py", "--vae_path", vae_model, "--data_dir", data_dir,
-            "--output_dir", out / "diffusion", *split, *preset, *device, "--resume_from_checkpoint", "latest"]),
+            "--output_dir", out / "diffusion", *split, *preset, *device, "--resume_from_checkpoint", "latest",
+            *[part for flag in DIFFUSION_FLAGS if getattr(args, flag) is not None
+              for part in (f"--{DIFFUSION_FLAGS[flag]}", getattr(args, flag))]]),
         ("generate", out / "generated/manifest.json", out / "generated", python + [
             "inference/generate.py", "--model_path", diffusion_model, "--user_ids", "all", "--num_images_per_user",
             args.images_to_generate or settings["images_to_generate"], "--output_dir", out / "generated",
@@ -193,7 +200,8 @@ def main(args):
     record_path = out / "pipeline.json"
     previous = json.loads(record_path.read_text()) if record_path.exists() and not args.force else {}
     settings = {"preset": args.preset, "data_dir": str(data_dir), "train_images_per_user": args.train_images_per_user,
-                "strength": strength_of(args), **{flag: getattr(args, flag) for flag in SPLIT_FLAGS}}
+                "strength": strength_of(args),
+                **{flag: getattr(args, flag) for flag in (*SPLIT_FLAGS, *DIFFUSION_FLAGS)}}
     if (out / "dataset_manifest.json").exists() and not args.force:
         from utils.data_loader import DatasetManifest
 
@@ -202,7 +210,8 @@ def main(args):
         if stored != args.train_images_per_user:
             changed["train_images_per_user"] = args.train_images_per_user
         if changed:
-            was = ", ".join(f"{k} {stored if k == 'train_images_per_user' else previous.get(k)}" for k in changed)
+            held = {k: stored if k == "train_images_per_user" else previous.get(k) for k in changed}
+            was = ", ".join(f"{k} {'not given' if v is None else v}" for k, v in held.items())
             raise UsageError(f"{out} holds a run with other settings ({was}); choose another --output_dir or add --force")
     previous_times = {s["name"]: s["seconds"] for s in previous.get("stages", [])}
     plan = stages(args, out, data_dir)

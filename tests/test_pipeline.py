@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+import run_pipeline
 from conftest import run_cli
 from utils.data_loader import DatasetManifest
 
@@ -39,6 +40,9 @@ def test_tiny_pipeline_runs_every_stage_then_skips_what_is_complete(tmp_path):
     assert budget.returncode == 2 and "holds a run with other settings" in budget.stderr
     strength = run_cli("run_pipeline.py", "--preset", "tiny", "--output_dir", out, "--device", "cpu", "--strength", 0.5)
     assert strength.returncode == 2 and "strength 1.0" in strength.stderr
+    steps = run_cli("run_pipeline.py", "--preset", "tiny", "--output_dir", out, "--device", "cpu",
+                    "--diffusion_steps", 8)
+    assert steps.returncode == 2 and "diffusion_steps not given" in steps.stderr
 
     # A lost evaluation is redone alone; everything before it is skipped.
     shutil.rmtree(out / "evaluation")
@@ -47,6 +51,17 @@ def test_tiny_pipeline_runs_every_stage_then_skips_what_is_complete(tmp_path):
     skipped = [s["name"] for s in json.loads((out / "pipeline.json").read_text())["stages"] if s["skipped"]]
     assert skipped == STAGES[:-1]
     assert "[stage 3/7 vae] already complete" in again.stdout
+
+
+def test_diffusion_steps_and_guidance_reach_the_diffusion_stage(tmp_path):
+    """The stored model carries the guidance, so generation uses it without being told."""
+    def diffusion_command(*argv):
+        args = run_pipeline.parse_args(["--preset", "tiny", *argv])
+        return dict((name, command) for name, _, _, command in run_pipeline.stages(args, tmp_path, tmp_path))["diffusion"]
+
+    given = diffusion_command("--diffusion_steps", "9600", "--guidance_scale", "2")
+    assert given[-4:] == ["--max_train_steps", "9600", "--guidance_scale", "2.0"]
+    assert "--max_train_steps" not in diffusion_command() and "--guidance_scale" not in diffusion_command()
 
 
 def test_an_impossible_strength_exits_2(tmp_path):

@@ -44,8 +44,8 @@ AT_LEAST_1 = ">= 1"
 NUMBER_RULES = {
     **dict.fromkeys((
         "attention_head_dim", "batch_size", "block_out_channels", "checkpointing_steps", "classifier_resolution",
-        "cross_attention_dim", "depths", "disc_channels", "disc_layers", "epoch_images", "epochs", "eval_every",
-        "gain_seeds", "generation_batch", "generation_images", "goal_images", "gradient_accumulation_steps",
+        "cross_attention_dim", "depths", "diffusion_steps", "disc_channels", "disc_layers", "epoch_images", "epochs",
+        "eval_every", "gain_seeds", "generation_batch", "generation_images", "goal_images", "gradient_accumulation_steps",
         "grid_images", "grid_users", "images_per_user", "images_to_generate", "latent_channels", "latent_shape",
         "latent_stats_images", "layers_per_block", "max_train_steps", "max_tries_per_image", "norm_num_groups",
         "num_condition_tokens", "num_epochs", "num_images", "num_images_per_user", "num_inference_steps", "num_seeds", "num_train_timesteps", "num_users", "num_validation_images", "patience",
