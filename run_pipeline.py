@@ -3,6 +3,7 @@
     python run_pipeline.py                                   # built-in simulated dataset, quick preset
     python run_pipeline.py --data_dir /path/to/your/data     # your own user folders
     python run_pipeline.py --preset tiny --output_dir /tmp/p # a smoke test in about a minute
+    python run_pipeline.py --diffusion_steps 9600 --guidance_scale 2  # 3x the diffusion training (README, Results)
 
 Each stage runs the project's own script in a subprocess, with the same Python:
 
