@@ -106,8 +106,8 @@ def stages(args, out, data_dir):
         ("diffusion", diffusion_model / "model_index.json", out / "diffusion", python + [
             "training/train_diffusion.py", "--vae_path", vae_model, "--data_dir", data_dir,
             "--output_dir", out / "diffusion", *split, *preset, *device, "--resume_from_checkpoint", "latest",
-            *[part for flag in DIFFUSION_FLAGS if getattr(args, flag) is not None
-              for part in (f"--{DIFFUSION_FLAGS[flag]}", getattr(args, flag))]]),
+            *[part for flag, stage_flag in DIFFUSION_FLAGS.items() if getattr(args, flag) is not None
+              for part in (f"--{stage_flag}", getattr(args, flag))]]),
         ("generate", out / "generated/manifest.json", out / "generated", python + [
             "inference/generate.py", "--model_path", diffusion_model, "--user_ids", "all", "--num_images_per_user",
             args.images_to_generate or settings["images_to_generate"], "--output_dir", out / "generated",

@@ -54,10 +54,10 @@ def test_tiny_pipeline_runs_every_stage_then_skips_what_is_complete(tmp_path):
 
 
 def test_diffusion_steps_and_guidance_reach_the_diffusion_stage(tmp_path):
-    """The stored model carries the guidance, so generation uses it without being told."""
+    """Only the diffusion stage is told; the model stores the guidance, and generation reads it from there."""
     def diffusion_command(*argv):
         args = run_pipeline.parse_args(["--preset", "tiny", *argv])
-        return dict((name, command) for name, _, _, command in run_pipeline.stages(args, tmp_path, tmp_path))["diffusion"]
+        return {name: command for name, _, _, command in run_pipeline.stages(args, tmp_path, tmp_path)}["diffusion"]
 
     given = diffusion_command("--diffusion_steps", "9600", "--guidance_scale", "2")
     assert given[-4:] == ["--max_train_steps", "9600", "--guidance_scale", "2.0"]
