@@ -16,9 +16,11 @@ Each stage runs the project's own script in a subprocess, with the same Python:
     generate    inference/generate.py            (every user)
     evaluate    inference/evaluate.py            (trains the person-ID classifiers, report)
 
-OUTPUT/report.md sums it all up with pictures; OUTPUT/pipeline.json records each stage's
-command and time. Re-running skips every stage whose final output is complete; an
-interrupted training resumes from its last checkpoint; --force redoes everything.
+OUTPUT/report.md sums it all up with pictures; OUTPUT/pipeline.json records the settings and
+each finished stage's command and time (written before the first stage and after each one, so
+an interrupted run keeps them). Re-running skips every stage whose final output is complete; an
+interrupted training resumes from its last checkpoint; a re-run with other settings is refused;
+--force redoes everything.
 """
 
 import argparse
@@ -34,6 +36,7 @@ from pathlib import Path
 
 from utils.cli import UsageError, run
 from utils.evaluation import render_markdown
+from utils.files import write_json
 from utils.presets import PRESET_NAMES, PRESETS
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -203,21 +206,28 @@ def main(args):
     settings = {"preset": args.preset, "data_dir": str(data_dir), "train_images_per_user": args.train_images_per_user,
                 "strength": strength_of(args),
                 **{flag: getattr(args, flag) for flag in (*SPLIT_FLAGS, *DIFFUSION_FLAGS)}}
+    held = {k: previous.get(k) for k, v in settings.items() if previous.get(k, v) != v}
     if (out / "dataset_manifest.json").exists() and not args.force:
         from utils.data_loader import DatasetManifest
 
         stored = DatasetManifest.load(out / "dataset_manifest.json").train_images_per_user
-        changed = {k: v for k, v in settings.items() if previous.get(k, v) != v}
         if stored != args.train_images_per_user:
-            changed["train_images_per_user"] = args.train_images_per_user
-        if changed:
-            held = {k: stored if k == "train_images_per_user" else previous.get(k) for k in changed}
-            was = ", ".join(f"{k} {'not given' if v is None else v}" for k, v in held.items())
-            raise UsageError(f"{out} holds a run with other settings ({was}); choose another --output_dir or add --force")
+            held["train_images_per_user"] = stored
+    if held:
+        was = ", ".join(f"{k} {'not given' if v is None else v}" for k, v in held.items())
+        raise UsageError(f"{out} holds a run with other settings ({was}); choose another --output_dir or add --force")
     previous_times = {s["name"]: s["seconds"] for s in previous.get("stages", [])}
     plan = stages(args, out, data_dir)
     started = time.perf_counter()
     done = []
+    record = {"command": " ".join(["python run_pipeline.py", *sys.argv[1:]]), **settings, "machine": machine(),
+              "stages": done, "seconds": 0.0, "finished": None}
+
+    def save_record():  # before the first stage and after each: an interrupted run keeps its settings and times
+        record["seconds"] = time.perf_counter() - started
+        write_json(record_path, record)
+
+    save_record()
     for number, (name, marker, owned, command) in enumerate(plan, start=1):
         head = f"[stage {number}/{len(plan)} {name}]"
         if args.force and owned.is_dir():  # every owned path lies inside --output_dir, never the user's --data_dir
@@ -238,12 +248,9 @@ def main(args):
                              "resumes from its last checkpoint")
         print(f"{head} done in {minutes(seconds)} (total {minutes(time.perf_counter() - started)})", flush=True)
         done.append({"name": name, "seconds": seconds, "skipped": False, "command": command})
-    record = {
-        "command": " ".join(["python run_pipeline.py", *sys.argv[1:]]), **settings, "machine": machine(),
-        "stages": done, "seconds": time.perf_counter() - started,
-        "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-    record_path.write_text(json.dumps(record, indent=2))
+        save_record()
+    record["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    save_record()
     write_report(out, record)
     print(f"pipeline finished in {minutes(record['seconds'])}: {out / 'report.md'}")
     return 0

@@ -64,6 +64,28 @@ def test_diffusion_steps_and_guidance_reach_the_diffusion_stage(tmp_path):
     assert "--max_train_steps" not in diffusion_command() and "--guidance_scale" not in diffusion_command()
 
 
+def test_a_run_interrupted_after_two_stages_keeps_its_settings_and_times(tmp_path, monkeypatch):
+    """Ctrl-C in the VAE stage: pipeline.json already holds the settings and the finished stages'
+    times, so resuming with another --strength is refused instead of mixing two runs' models."""
+    out = tmp_path / "pipeline"
+    real_run = run_pipeline.subprocess.run
+
+    def interrupt_the_vae(command, **kwargs):
+        if "training/train_vae.py" in command:
+            raise KeyboardInterrupt
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(run_pipeline.subprocess, "run", interrupt_the_vae)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline.main(run_pipeline.parse_args(["--preset", "tiny", "--output_dir", str(out), "--device", "cpu"]))
+    record = json.loads((out / "pipeline.json").read_text())
+    assert [s["name"] for s in record["stages"]] == ["data", "manifest"] and record["finished"] is None
+    assert all(s["seconds"] > 0 for s in record["stages"]) and record["strength"] == 1.0
+    resumed = run_cli("run_pipeline.py", "--preset", "tiny", "--output_dir", out, "--device", "cpu", "--strength", 0.5)
+    assert resumed.returncode == 2 and "strength 1.0" in resumed.stderr and "Traceback" not in resumed.stderr
+    assert not (out / "vae").exists()
+
+
 def test_an_impossible_strength_exits_2(tmp_path):
     result = run_cli("run_pipeline.py", "--strength", 0, "--output_dir", tmp_path / "out")
     assert result.returncode == 2 and "--strength must be in (0, 1]" in result.stderr and "Traceback" not in result.stderr
