@@ -78,6 +78,7 @@ def test_a_run_interrupted_after_two_stages_keeps_its_settings_and_times(tmp_pat
     monkeypatch.setattr(run_pipeline.subprocess, "run", interrupt_the_vae)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline.main(run_pipeline.parse_args(["--preset", "tiny", "--output_dir", str(out), "--device", "cpu"]))
+    monkeypatch.undo()  # the resumed run below goes through the real subprocess.run
     record = json.loads((out / "pipeline.json").read_text())
     assert [s["name"] for s in record["stages"]] == ["data", "manifest"] and record["finished"] is None
     assert all(s["seconds"] > 0 for s in record["stages"]) and record["strength"] == 1.0
